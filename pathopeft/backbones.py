@@ -113,12 +113,16 @@ def create_backbone(
             name,
         )
     cfg = timm.data.resolve_model_data_config(model)
+    input_size = int(cfg["input_size"][-1])
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size:  # a ViT built with img_size=... keeps the pretrained cfg's 224; trust the module
+        input_size = int(img_size[-1] if isinstance(img_size, (tuple, list)) else img_size)
     model.eval()
     return Backbone(
         model=model,
         name=name,
         dim=int(model.num_features),
-        input_size=int(cfg["input_size"][-1]),
+        input_size=input_size,
         mean=tuple(mean if mean is not None else cfg["mean"]),
         std=tuple(std if std is not None else cfg["std"]),
         weights=str(weights) if weights is not None else None,

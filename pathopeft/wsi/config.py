@@ -117,7 +117,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlideEntry:
     """One manifest row; ``path`` is resolved relative to the manifest's folder."""
 

@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pathopeft.wsi.tissue import TISSUE_DETECTORS, OtsuTissueDetector, TissueDetector, TissueMask, create_detector
+from tests._tiny import blob_image
+
+
+def test_detects_blob_not_background():
+    img = blob_image()
+    mask = OtsuTissueDetector().detect(img, mpp=4.0)
+    assert mask.shape == img.shape[:2]
+    assert mask[200, 300]  # blob centre
+    assert not mask[10, 10]  # background corner
+    truth = np.zeros_like(mask)
+    yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    truth[(yy - 200) ** 2 + (xx - 300) ** 2 <= 120**2] = True
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.95
+
+
+def test_blank_slide_has_no_tissue():
+    noise = np.random.default_rng(0).integers(240, 256, size=(300, 300, 3), dtype=np.uint8)
+    assert OtsuTissueDetector().detect(noise, mpp=4.0).sum() == 0
+
+
+def test_area_filters_are_physical():
+    """The same physical scene at two resolutions keeps the same objects (filters are in µm²)."""
+
+    # big disc (radius 400 µm) and a speck (radius 40 µm: area ~5,000 µm² < 20,000 µm² minimum)
+    def scene(mpp):
+        return blob_image(int(2000 / mpp), int(2000 / mpp), ((int(1000 / mpp), int(800 / mpp), int(400 / mpp)),
+                                                             (int(1000 / mpp), int(1700 / mpp), int(40 / mpp))))  # fmt: skip
+
+    det = OtsuTissueDetector()
+    for mpp in (4.0, 8.0):
+        mask = det.detect(scene(mpp), mpp)
+        assert mask[int(1000 / mpp), int(800 / mpp)], mpp
+        assert not mask[int(1000 / mpp), int(1700 / mpp)], f"speck kept at {mpp} µm/px"
+        area_um2 = mask.sum() * mpp * mpp
+        assert area_um2 == pytest.approx(np.pi * 400**2, rel=0.1)
+
+
+def test_large_holes_kept_small_holes_filled():
+    img = blob_image(500, 500, ((250, 250, 200),))
+    yy, xx = np.mgrid[:500, :500]
+    img[(yy - 250) ** 2 + (xx - 250) ** 2 <= 60**2] = 245  # big lumen: 3.14*240² µm² ≫ 10,000
+    img[(yy - 120) ** 2 + (xx - 250) ** 2 <= 4**2] = 245  # tiny hole: ~800 µm²
+    det = OtsuTissueDetector(median_um=0, closing_um=0)
+    mask = det.detect(img, mpp=4.0)
+    assert not mask[250, 250]
+    assert mask[120, 250]
+
+
+def test_fixed_threshold_and_validation():
+    img = blob_image()
+    assert OtsuTissueDetector(threshold=250).detect(img, 4.0).sum() == 0
+    with pytest.raises(ValueError, match="threshold"):
+        OtsuTissueDetector(threshold=300)
+    with pytest.raises(ValueError, match="mpp"):
+        OtsuTissueDetector(mpp=0)
+
+
+def test_registry_and_protocol():
+    assert isinstance(create_detector("otsu"), TissueDetector)
+    assert "otsu" in TISSUE_DETECTORS
+    with pytest.raises(KeyError, match="unknown tissue detector"):
+        create_detector("unet")
+
+
+def test_tile_fractions_summed_area_table():
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[:, :5] = True  # left half tissue
+    tm = TissueMask(mask, downsample=10.0)  # 100x100 level-0 px
+    coords = np.array([[0, 0], [50, 0], [25, 0], [90, 90]])
+    frac = tm.tile_fractions(coords, tile_size_l0=50)
+    np.testing.assert_allclose(frac, [1.0, 0.0, 0.5, 0.0], atol=1e-6)  # 25..75 over tissue 0..50
+    assert tm.fraction == pytest.approx(0.5)
+
+
+def test_geojson_polygon_with_hole(tmp_path):
+    mask = np.zeros((40, 50), dtype=bool)
+    mask[5:35, 5:30] = True
+    mask[15:25, 12:20] = False  # hole
+    mask[10:20, 38:45] = True  # second piece
+    tm = TissueMask(mask, downsample=4.0)
+    gj = tm.to_geojson(tmp_path / "t.geojson")
+    on_disk = json.loads((tmp_path / "t.geojson").read_text())
+    assert on_disk == gj
+    assert gj["type"] == "FeatureCollection"
+    feats = gj["features"]
+    assert len(feats) == 2
+    rings = sorted((f["geometry"]["coordinates"] for f in feats), key=len, reverse=True)
+    assert len(rings[0]) == 2
+    assert len(rings[1]) == 1
+    for poly in rings:
+        for ring in poly:
+            assert ring[0] == ring[-1]  # closed, as GeoJSON requires
+    xs = [p[0] for p in rings[0][0]]
+    ys = [p[1] for p in rings[0][0]]
+    # level-0 pixels: columns 5..30 x 4 and rows 5..35 x 4
+    assert min(xs) == pytest.approx(20, abs=4)
+    assert max(xs) == pytest.approx(120, abs=4)
+    assert min(ys) == pytest.approx(20, abs=4)
+    assert max(ys) == pytest.approx(140, abs=4)
+    assert feats[0]["properties"]["objectType"] == "annotation"
+
+
+def test_polygons_rasterise_back_to_mask():
+    """Drawing the exported polygons reproduces the mask (contours are not shifted or inverted)."""
+    from PIL import ImageDraw
+
+    img = blob_image(200, 300, ((100, 100, 60), (100, 230, 40)))
+    mask = OtsuTissueDetector(median_um=0, closing_um=0).detect(img, 4.0)
+    tm = TissueMask(mask, downsample=1.0)
+    canvas = Image.new("L", (300, 200), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in tm.polygons(tolerance_px=0.5):
+        draw.polygon([tuple(p) for p in poly[0]], fill=1)
+        for hole in poly[1:]:
+            draw.polygon([tuple(p) for p in hole], fill=0)
+    raster = np.asarray(canvas).astype(bool)
+    iou = (raster & mask).sum() / (raster | mask).sum()
+    assert iou > 0.97
