@@ -13,7 +13,8 @@ def _kw():
 
 def test_tiny_backbone_contract():
     bb = tiny_backbone()
-    assert bb.dim == 32 and bb.input_size == 32
+    assert bb.dim == 32
+    assert bb.input_size == 32
     assert bb.is_random_init
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     out = bb.model(bb.normalize(x))
@@ -41,7 +42,8 @@ def test_local_weights_round_trip(tmp_path, suffix):
     dst = create_backbone(name, weights=path, **kw)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(dst.model(x), src.model(x))  # … replaced by the file's weights
-    assert dst.weights == str(path) and not dst.is_random_init
+    assert dst.weights == str(path)
+    assert not dst.is_random_init
 
 
 def test_weights_errors_are_clear(tmp_path):

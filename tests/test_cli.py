@@ -20,13 +20,16 @@ def test_process_help_explains_resolution(capsys):
     with pytest.raises(SystemExit):
         main(["wsi", "process", "--help"])
     out = capsys.readouterr().out
-    assert "--mpp" in out and "--mag" in out and "never a pyramid level" in out
+    assert "--mpp" in out
+    assert "--mag" in out
+    assert "never a pyramid level" in out
 
 
 def test_doctor(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert "torch" in out and "OpenSlide library" in out
+    assert "torch" in out
+    assert "OpenSlide library" in out
 
 
 def test_input_is_required(tmp_path):
@@ -86,6 +89,8 @@ def test_process_with_yaml_config_and_flags(cmu_slide, tmp_path, capsys):
 
 @pytest.mark.shared
 def test_failed_slide_gives_exit_code_1(slides_dir, tmp_path):
-    rc = main(["wsi", "tile", "--slides", str(slides_dir / "histolab-broken.svs"), "--out", str(tmp_path), "--no-progress"])
+    rc = main(
+        ["wsi", "tile", "--slides", str(slides_dir / "histolab-broken.svs"), "--out", str(tmp_path), "--no-progress"]
+    )
     assert rc == 1
     assert "histolab-broken" in (tmp_path / "failures.csv").read_text()
