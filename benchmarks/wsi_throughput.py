@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from pathopeft.backbones import create_backbone
 from pathopeft.wsi import h5io
 from pathopeft.wsi.extract import TileDataset, extract_features
+from pathopeft.wsi.pyramid import write_pyramid
 from pathopeft.wsi.slide import open_slide
 from pathopeft.wsi.tiling import TileGrid, tile_grid
 from pathopeft.wsi.tissue import detect_tissue
@@ -64,46 +65,14 @@ def log(msg: str) -> None:
 
 
 # --- the derived pyramid ------------------------------------------------------------------------------------
-def make_pyramid(
-    src_slide_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    levels: int = 4,
-    tile: int = 256,
-    compression: str = "jpeg",
-) -> Path:
-    """Write a tiled pyramidal TIFF from a slide's level 0 that OpenSlide opens as ``generic-tiff`` with mpp.
-
-    Level 0 is the source's full level 0 (RGB); level ``i`` is downsampled by ``2**i`` (PIL box filter). Each
-    level is a separate top-level page (not a SubIFD) with ``tile`` x ``tile`` tiles and resolution tags in
-    pixels per centimetre, which OpenSlide turns into ``openslide.mpp-x``.
-    """
-    import openslide
-    import tifffile
-
-    osr = openslide.OpenSlide(str(src_slide_path))
-    try:
-        mpp = float(osr.properties[openslide.PROPERTY_NAME_MPP_X])
-        image = osr.read_region((0, 0), 0, osr.dimensions).convert("RGB")
-    finally:
-        osr.close()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(out, bigtiff=False) as tw:
-        for lvl in range(levels):
-            ds = 2**lvl
-            img = image if lvl == 0 else image.resize((image.width // ds, image.height // ds), Image.BOX)
-            res = 1e4 / (mpp * ds)  # pixels per centimetre at this level
-            tw.write(
-                np.asarray(img),
-                tile=(tile, tile),
-                compression=compression,
-                photometric="rgb",
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if lvl == 0 else 1,
-                metadata=None,
-            )
-    return out
+def make_pyramid(src_slide_path: Path, out_path: Path, levels: int = 4, compression: str = "jpeg") -> Path:
+    """A tiled generic-TIFF pyramid of the source's level 0 (what the tests use too), mpp in resolution tags."""
+    with open_slide(src_slide_path) as s:
+        image = s.read_region((0, 0), 0, s.dimensions)
+        mpp = s.mpp
+    if mpp is None:
+        raise SystemExit(f"{src_slide_path}: no mpp, cannot derive a pyramid with resolution tags")
+    return write_pyramid(image, out_path, mpp, levels=levels, compression=compression)
 
 
 # --- the naive CLAM-style baseline --------------------------------------------------------------------------
