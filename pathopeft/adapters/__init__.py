@@ -1,0 +1,37 @@
+"""Parameter-efficient adapters for timm vision models: SALT, WaRA, SNELLA (ours) and PEFT's LoRA family.
+
+    from pathopeft import adapters
+    model = adapters.create("salt", timm_model, rank=8, targets="attn")   # or "wara", "snella", "lora", …
+    ...train...
+    adapters.save(model, "runs/salt-adapter")            # adapter_config.json + adapter_model.safetensors
+    plain = model.merge_and_unload()                     # a plain timm model, base-model inference cost
+
+Why our methods are not PEFT tuners, and how the two kinds are kept interchangeable: see
+:mod:`pathopeft.adapters.core`.
+"""
+
+from pathopeft.adapters.core import AdapterConfig, AdapterLoadError, AdapterModel, Delta
+from pathopeft.adapters.registry import create, list_methods, load, register, save
+from pathopeft.adapters.salt import SaltConfig
+from pathopeft.adapters.snella import BudgetAllocator, SnellaBudgetCallback, SnellaConfig
+from pathopeft.adapters.targets import PRESETS, resolve_targets
+from pathopeft.adapters.wara import WaraConfig
+
+__all__ = [
+    "PRESETS",
+    "AdapterConfig",
+    "AdapterLoadError",
+    "AdapterModel",
+    "BudgetAllocator",
+    "Delta",
+    "SaltConfig",
+    "SnellaBudgetCallback",
+    "SnellaConfig",
+    "WaraConfig",
+    "create",
+    "list_methods",
+    "load",
+    "register",
+    "resolve_targets",
+    "save",
+]

@@ -1,0 +1,400 @@
+"""A small adapter core with PEFT's surface, for methods PEFT cannot register.
+
+Why not PEFT's own tuner classes: peft's ``register_peft_method`` only accepts names already in its closed
+``PeftType`` enum (``register_peft_method(name="salt")`` raises ``Unknown PEFT type SALT`` in peft 0.21),
+and ``PeftModel.from_pretrained`` dispatches on that enum. Making PEFT know our types would mean patching a
+library enum and several private mappings, which breaks silently across PEFT releases. So our methods live
+in this core and copy PEFT's user surface and file format instead:
+
+* ``AdapterModel(model, config)`` ≈ ``get_peft_model``; ``forward`` calls the wrapped model;
+* ``save_pretrained(dir)`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter
+  parameters only); ``AdapterModel.from_pretrained(model, dir)`` loads them;
+* ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload`` (a plain timm model back) / ``unload``;
+* several named adapters: ``add_adapter``, ``set_adapter``, ``delete_adapter``, ``disable_adapter()``;
+* ``get_nb_trainable_parameters`` / ``print_trainable_parameters``.
+
+PEFT's own methods (LoRA, DoRA, PiSSA, …) stay PEFT models; :func:`pathopeft.adapters.create` hides the
+difference. A method here is one :class:`Delta` subclass (its parameters and ΔW) plus an
+:class:`AdapterConfig` subclass, registered in ``pathopeft.adapters.registry``.
+
+Every adapter file carries the base model's architecture name and a fingerprint of the targeted weights'
+shapes, so loading it onto a different model fails with a clear error instead of silently mis-loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pathopeft.adapters.targets import resolve_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that does not belong to this base model (or is not an adapter file)."""
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares. Subclasses add theirs and set ``adapter_type``."""
+
+    adapter_type: ClassVar[str] = ""
+    r: int = 8
+    target_modules: str | list[str] = "attn"
+    unfreeze: list[str] = field(default_factory=list)  # param-name substrings also trained (e.g. "norm")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        d = {k: v for k, v in d.items() if k not in ("adapter_type", "base_model", "pathopeft_version")}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def weight_2d(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a matrix (out, in·kh·kw): the view every method adapts, Conv2d included."""
+    return layer.weight.reshape(layer.weight.shape[0], -1)
+
+
+def base_forward_with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Run ``layer`` with ``weight`` in place of its own (same bias, stride, padding …)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+class Delta(nn.Module):
+    """One adapter on one layer: its trainable parameters and the weight update ΔW they define.
+
+    ``delta_weight()`` returns ΔW as a matrix shaped like :func:`weight_2d` of the base layer; merging adds it
+    to the weight, so merged inference costs exactly the base model. ``forward(x, base)`` returns the adapted
+    layer's output; the default runs the base layer once with W + ΔW, and methods override it where a
+    factored path is cheaper.
+    """
+
+    claims_identity_at_init: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.out_features = base.weight.shape[0]
+        self.in_features = weight_2d(base).shape[1]
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        w = base.weight + self.delta_weight(base).to(base.weight.dtype).view_as(base.weight)
+        return base_forward_with_weight(base, x, w)
+
+    @staticmethod
+    def expected_trainable(out_features: int, in_features: int, config: AdapterConfig) -> int:
+        """The method's parameter-count formula for one layer (the conformance tests check it)."""
+        raise NotImplementedError
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a frozen ``nn.Linear``/``nn.Conv2d`` and holds one :class:`Delta` per adapter name."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        self.active: str | None = None
+        self.merged: list[str] = []
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:  # timm code sometimes reads layer.weight (dtype checks, fused attn)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError("cannot disable adapters while they are merged; unmerge_adapter() first")
+            return self.base_layer(x)
+        if self.active is None or self.active in self.merged:
+            return self.base_layer(x)
+        return self.deltas[self.active](x, self.base_layer)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged:
+            return
+        w = self.base_layer.weight
+        w.add_(self.deltas[name].delta_weight(self.base_layer).to(w.dtype).view_as(w))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        w = self.base_layer.weight
+        while self.merged:
+            name = self.merged.pop()
+            w.sub_(self.deltas[name].delta_weight(self.base_layer).to(w.dtype).view_as(w))
+
+
+def architecture_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def fingerprint(model: nn.Module, target_names: list[str]) -> str:
+    """Hash of (name, weight shape) of the targeted layers: equal for the same architecture and size."""
+    modules = dict(model.named_modules())
+    items = []
+    for n in target_names:
+        m = modules[n]
+        m = getattr(m, "base_layer", m)
+        items.append(f"{n}:{tuple(m.weight.shape)}")
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+class AdapterModel(nn.Module):
+    """A model with named adapters of one registered method family; see the module docstring."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapter: str | None = None
+        self._targets: dict[str, list[str]] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    # --- construction -----------------------------------------------------------------------------------
+    def _layers(self) -> dict[str, AdaptedLayer]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, AdaptedLayer)}
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Add a new adapter (and make it active) on the layers its ``target_modules`` select."""
+        from pathopeft.adapters.registry import delta_class
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} exists already")
+        delta_cls = delta_class(config.adapter_type)
+        names = [n.removesuffix(".base_layer") for n in resolve_targets(self.base_model, config.target_modules)]
+        for name in dict.fromkeys(names):
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            layer = getattr(parent, child)
+            if not isinstance(layer, AdaptedLayer):
+                layer = AdaptedLayer(layer)
+                setattr(parent, child, layer)
+            delta = delta_cls(layer.base_layer, config).to(layer.base_layer.weight.device)
+            layer.deltas[adapter_name] = delta
+        self._targets[adapter_name] = list(dict.fromkeys(names))
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one used in forward and the only one trainable (as in PEFT)."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter {adapter_name!r}; have {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        for layer in self._layers().values():
+            layer.active = adapter_name if adapter_name in layer.deltas else None
+            for n, d in layer.deltas.items():
+                d.requires_grad_(n == adapter_name)
+        patterns = self.peft_config[adapter_name].unfreeze
+        for n, p in self.base_model.named_parameters():
+            if ".deltas." not in n and ".base_layer." not in n:
+                p.requires_grad_(any(s in n for s in patterns))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for layer in self._layers().values():
+            if adapter_name in layer.merged:
+                raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge_adapter() first")
+            layer.deltas.pop(adapter_name, None)
+        del self.peft_config[adapter_name], self._targets[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            for layer in self._layers().values():
+                layer.active = None
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model without adapters inside the ``with`` block."""
+        layers = self._layers().values()
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)  # forward_features, default_cfg … as on the timm model
+
+    # --- merging ----------------------------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (inference costs exactly the base model)."""
+        for layer in self._layers().values():
+            if layer.active is not None:
+                layer.merge(layer.active)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers().values():
+            layer.unmerge()
+
+    def _replace_layers(self, merge: bool) -> nn.Module:
+        for name, layer in self._layers().items():
+            if merge and layer.active is not None:
+                layer.merge(layer.active)
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, layer.base_layer)
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain base model with the active adapter merged in; this wrapper is unusable afterwards."""
+        return self._replace_layers(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The plain base model without any adapter (unmerges first)."""
+        self.unmerge_adapter()
+        return self._replace_layers(merge=False)
+
+    # --- parameters -------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for n, p in self.named_parameters() if ".deltas." not in n)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / a:.4f}")
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Only what the adapter trains: its Delta parameters and the ``unfreeze`` parameters."""
+        name = adapter_name or self.active_adapter
+        cfg = self.peft_config[name]
+        out: dict[str, torch.Tensor] = {}
+        marker = f".deltas.{name}."
+        for n, p in self.base_model.named_parameters():
+            if marker in n:
+                out[n.replace(marker, f".{cfg.adapter_type}.")] = p.detach()
+            elif ".deltas." not in n and ".base_layer." not in n and any(s in n for s in cfg.unfreeze):
+                out[n] = p.detach()
+        return out
+
+    # --- files ------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None) -> None:
+        """PEFT's layout: the ``default`` adapter in ``save_directory``, others in ``save_directory/<name>``."""
+        from pathopeft import __version__
+
+        root = Path(save_directory)
+        for name in selected_adapters or list(self.peft_config):
+            d = root if name == "default" else root / name
+            d.mkdir(parents=True, exist_ok=True)
+            cfg = self.peft_config[name].to_dict()
+            cfg["base_model"] = {
+                "architecture": architecture_name(self.base_model),
+                "fingerprint": fingerprint(self.base_model, self._targets[name]),
+            }
+            cfg["pathopeft_version"] = __version__
+            tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
+            meta = {"format": "pt", "adapter_type": cfg["adapter_type"], **{k: str(v) for k, v in cfg["base_model"].items()}}
+            tmp = d / (WEIGHTS_NAME + ".tmp")
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, d / WEIGHTS_NAME)
+            (d / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=list) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> AdapterModel:
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder from ``save_pretrained``)."""
+        config = read_adapter_config(model_id)
+        wrapped = cls(model, config, adapter_name)
+        wrapped._load_weights(model_id, adapter_name)
+        if not is_trainable:
+            for p in wrapped.parameters():
+                p.requires_grad_(False)
+        return wrapped
+
+    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False) -> None:
+        self.add_adapter(adapter_name, read_adapter_config(model_id))
+        self._load_weights(model_id, adapter_name)
+        if not is_trainable:
+            for layer in self._layers().values():
+                if adapter_name in layer.deltas:
+                    layer.deltas[adapter_name].requires_grad_(False)
+
+    def _load_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
+        d = Path(model_id)
+        saved = json.loads((d / CONFIG_NAME).read_text()).get("base_model", {})
+        check_base_model(self.base_model, self._targets[adapter_name], saved, d)
+        tensors = load_file(d / WEIGHTS_NAME)
+        cfg = self.peft_config[adapter_name]
+        params = dict(self.base_model.named_parameters())
+        for key, value in tensors.items():
+            name = key.replace(f".{cfg.adapter_type}.", f".deltas.{adapter_name}.", 1)
+            if name not in params:
+                raise AdapterLoadError(f"{d / WEIGHTS_NAME}: tensor {key!r} has no place in this model")
+            if params[name].shape != value.shape:
+                raise AdapterLoadError(
+                    f"{d / WEIGHTS_NAME}: {key!r} has shape {tuple(value.shape)}, the model wants "
+                    f"{tuple(params[name].shape)}"
+                )
+            with torch.no_grad():
+                params[name].copy_(value)
+
+
+def read_adapter_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
+    from pathopeft.adapters.registry import config_class
+
+    path = Path(model_id) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config here (expected the output of save_pretrained)")
+    d = json.loads(path.read_text())
+    if "adapter_type" not in d:
+        raise AdapterLoadError(f"{path}: not a pathopeft adapter config (no 'adapter_type'; a PEFT one?)")
+    return config_class(d["adapter_type"]).from_dict(d)
+
+
+def check_base_model(model: nn.Module, targets: list[str], saved: dict[str, Any], where: Path) -> None:
+    """Refuse an adapter made for another architecture or another size, naming both."""
+    if not saved:
+        return
+    arch, fp = architecture_name(model), fingerprint(model, targets)
+    if saved.get("architecture") != arch or saved.get("fingerprint") != fp:
+        raise AdapterLoadError(
+            f"{where}: this adapter was made for base model {saved.get('architecture')!r} "
+            f"(fingerprint {saved.get('fingerprint')}), not for this {arch!r} (fingerprint {fp}): "
+            "the targeted layers differ in names or shapes"
+        )

@@ -1,0 +1,188 @@
+"""``create(name, model, ...)``: one factory for our adapters and PEFT's, so configs switch methods by a string.
+
+Ours (:mod:`pathopeft.adapters.core`): ``salt``, ``wara``, ``snella``. PEFT's: ``lora``, ``dora``, ``pissa``
+(LoRA family with our rank/alpha/targets), and any other PEFT method by its PEFT name (``waveft``, ``miss``,
+``randlora``, ``vera``, …) with its own config keywords. A new method of ours is one ``Delta`` + config
+file and one :func:`register` line; the conformance tests pick it up from :func:`list_methods`.
+
+:func:`save` and :func:`load` work for both kinds and write/check the base-model fingerprint, so an adapter
+cannot be loaded onto the wrong model by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pathopeft.adapters.core import (
+    CONFIG_NAME,
+    AdapterConfig,
+    AdapterLoadError,
+    AdapterModel,
+    Delta,
+    architecture_name,
+    check_base_model,
+    fingerprint,
+)
+from pathopeft.adapters.salt import SaltConfig, SaltDelta
+from pathopeft.adapters.snella import SnellaConfig, SnellaDelta
+from pathopeft.adapters.targets import resolve_targets
+from pathopeft.adapters.wara import WaraConfig, WaraDelta
+
+BASE_INFO_NAME = "pathopeft_base.json"  # beside PEFT's own files: the fingerprint PEFT does not keep
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type[AdapterConfig]
+    delta_cls: type[Delta]
+
+
+_OURS: dict[str, Method] = {}
+PEFT_LORA_FAMILY = ("lora", "dora", "pissa")
+
+
+def register(name: str, config_cls: type[AdapterConfig], delta_cls: type[Delta]) -> None:
+    if config_cls.adapter_type != name:
+        raise ValueError(f"{config_cls.__name__}.adapter_type is {config_cls.adapter_type!r}, not {name!r}")
+    _OURS[name] = Method(name, config_cls, delta_cls)
+
+
+register("salt", SaltConfig, SaltDelta)
+register("wara", WaraConfig, WaraDelta)
+register("snella", SnellaConfig, SnellaDelta)
+
+
+def list_methods(include_peft: bool = True) -> list[str]:
+    """Our methods, then PEFT's LoRA family (the ones the conformance matrix covers)."""
+    return [*_OURS, *(PEFT_LORA_FAMILY if include_peft else ())]
+
+
+def config_class(name: str) -> type[AdapterConfig]:
+    if name not in _OURS:
+        raise KeyError(f"unknown pathopeft adapter type {name!r}; known: {sorted(_OURS)}")
+    return _OURS[name].config_cls
+
+
+def delta_class(name: str) -> type[Delta]:
+    return _OURS[name].delta_cls
+
+
+def is_ours(model: nn.Module) -> bool:
+    return isinstance(model, AdapterModel)
+
+
+def _peft_config(name: str, targets: list[str], rank: int | None, alpha: float | None, **kw: Any) -> Any:
+    import peft
+
+    if name in PEFT_LORA_FAMILY:
+        r = rank or 8
+        return peft.LoraConfig(
+            r=r,
+            lora_alpha=alpha if alpha is not None else r,
+            target_modules=targets,
+            use_dora=name == "dora",
+            init_lora_weights="pissa" if name == "pissa" else kw.pop("init_lora_weights", True),
+            **kw,
+        )
+    try:
+        cfg_cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(name.upper())]
+    except (ValueError, KeyError) as e:
+        known = sorted([*_OURS, *PEFT_LORA_FAMILY, *(t.value.lower() for t in peft.PeftType)])
+        raise ValueError(f"unknown adapter method {name!r}; known: {known}") from e
+    if rank is not None:
+        kw.setdefault("r", rank)
+    return cfg_cls(target_modules=targets, **kw)
+
+
+def create(
+    name: str,
+    model: nn.Module,
+    rank: int | None = None,
+    targets: str | list[str] = "attn",
+    alpha: float | None = None,
+    adapter_name: str = "default",
+    **kwargs: Any,
+) -> nn.Module:
+    """Wrap ``model`` with adapter ``name``; returns an :class:`AdapterModel` (ours) or a ``PeftModel``.
+
+    ``rank`` is each method's ``r``; ``targets`` a preset (``"attn"``, ``"attn+mlp"``, ``"all-linear"``,
+    ``"all-conv"``, ``"all"``) or module names; ``kwargs`` go to the method's config (e.g. ``r_lora=4`` for
+    SALT, ``wavelet="db2"`` for WaRA, ``sparsity=0.95`` for SNELLA, ``lora_dropout`` for PEFT's LoRA).
+    """
+    name = name.lower()
+    names = resolve_targets(model, targets)
+    if name in _OURS:
+        cfg_kw = dict(kwargs)
+        if rank is not None:
+            cfg_kw["r"] = rank
+        if alpha is not None:
+            cfg_kw["alpha"] = alpha
+        config = _OURS[name].config_cls(target_modules=names, **cfg_kw)
+        return AdapterModel(model, config, adapter_name)
+
+    import peft
+
+    config = _peft_config(name, names, rank, alpha, **kwargs)
+    pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    pm._pathopeft_base = {"architecture": architecture_name(model), "fingerprint": fingerprint(model, names)}
+    if name == "pissa":
+        # PiSSA rewrites the base weights; keep the initial adapter so a save can be converted into a plain
+        # LoRA that applies to the *original* base model (PEFT's documented conversion).
+        init_dir = Path(tempfile.mkdtemp(prefix="pathopeft-pissa-init-"))
+        pm.peft_config[adapter_name].init_lora_weights = True
+        pm.save_pretrained(init_dir, selected_adapters=[adapter_name])
+        pm.peft_config[adapter_name].init_lora_weights = "pissa"
+        pm._pathopeft_pissa_init = init_dir
+    return pm
+
+
+def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Save the active adapter (safetensors + JSON config + base-model fingerprint) into ``directory``."""
+    d = Path(directory)
+    if is_ours(model):
+        model.save_pretrained(d, selected_adapters=[model.active_adapter])
+        return d
+    name = model.active_adapter
+    init = getattr(model, "_pathopeft_pissa_init", None)
+    if init is not None:
+        model.save_pretrained(d, selected_adapters=[name], path_initial_model_for_weight_conversion=str(init))
+    else:
+        model.save_pretrained(d, selected_adapters=[name])
+    sub = d if name == "default" else d / name
+    info = dict(getattr(model, "_pathopeft_base", {}))
+    (sub / BASE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    return sub
+
+
+def load(model: nn.Module, directory: str | os.PathLike[str], is_trainable: bool = False) -> nn.Module:
+    """Load an adapter saved by :func:`save` onto a fresh ``model`` (ours or PEFT's, told by the config)."""
+    d = Path(directory)
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: no adapter config (expected a folder written by save())")
+    cfg = json.loads(cfg_path.read_text())
+    if "adapter_type" in cfg:
+        return AdapterModel.from_pretrained(model, d, is_trainable=is_trainable)
+    if "peft_type" not in cfg:
+        raise AdapterLoadError(f"{cfg_path}: neither a pathopeft nor a PEFT adapter config")
+    import peft
+
+    info_path = d / BASE_INFO_NAME
+    if info_path.is_file():
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        targets = list(cfg.get("target_modules") or [])
+        missing = [t for t in targets if t not in order]
+        if missing:
+            raise AdapterLoadError(
+                f"{d}: this adapter targets layers that this {architecture_name(model)!r} lacks: {missing[:4]}"
+            )
+        check_base_model(model, sorted(targets, key=order.__getitem__), json.loads(info_path.read_text()), d)
+    return peft.PeftModel.from_pretrained(model, d, is_trainable=is_trainable)

@@ -1,0 +1,91 @@
+"""SALT — Singular Value Adaptation with Low-Rank Transformation.
+
+Elgohary et al., "SALT: Singular Value Adaptation with Low-Rank Transformation", 2025 (arXiv 2503.16055);
+official code BioMedIA-MBZUAI/SALT.
+
+With the frozen weight as a matrix W = U diag(s) Vᵀ (thin SVD, k = min(out, in); conv kernels viewed as
+out × in·kh·kw)::
+
+    Σ' = blockdiag( diag(α ⊙ s[:r] + β),  diag(s[r:]) + X Y )        X: (k−r)×r_lora, Y: r_lora×(k−r)
+    W' = U · ReLU(Σ') · Vᵀ,          ΔW = W' − W = U (ReLU(Σ') − diag(s)) Vᵀ
+
+Trainable: α, β ∈ R^r (init 1, 0) and X, Y: 2r + 2(k−r)·r_lora per layer. Bias frozen.
+
+Choices where paper and code differ (we follow the code unless said):
+
+* ReLU is applied element-wise to the whole k×k Σ' (as in the paper's figure and the code), so negative
+  off-diagonal entries of X·Y are clipped and get no gradient.
+* Initialisation: the SAM2 path (Kaiming-uniform X, zero Y) is the default because it is an exact identity
+  at init; ``init="normal"`` gives the SAM ViT-B path (N(0, 0.01²) for both, W' ≠ W at init).
+* The SVD is taken lazily at the first use (forward or merge), so it sees weights loaded after wrapping, as
+  in the code. The code keeps U, s, V as plain attributes; we keep them as non-persistent buffers (they
+  follow ``.to(device)``; they are not saved: they are recomputed from the base weight, with singular vector
+  signs fixed by a convention so a file saved on one machine loads on another).
+* The paper's "3.9 % trainable" also trains norms and positional embeddings: set
+  ``unfreeze=["norm", "pos_embed"]`` in the config for that.
+
+Cost: ΔW is rebuilt each step in factored pieces — U[:, :r]·diag(δ)·V[:, :r]ᵀ + U_res·M·V_resᵀ with the
+(k−r)² block M — i.e. out·(k−r)·(k−r+in) flops, independent of batch size; the adapted layer then runs once
+with W + ΔW. Merged, it costs exactly the base layer.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathopeft.adapters.core import Delta, weight_2d
+from pathopeft.adapters.salt.config import SaltConfig
+
+
+class SaltDelta(Delta):
+    def __init__(self, base: nn.Module, config: SaltConfig) -> None:
+        super().__init__(base, config)
+        k = min(self.out_features, self.in_features)
+        self.k = k
+        self.r = min(config.r, k)
+        res = k - self.r
+        rl = config.r_lora
+        self.alpha = nn.Parameter(torch.ones(self.r))
+        self.beta = nn.Parameter(torch.zeros(self.r))
+        self.X = nn.Parameter(torch.empty(res, rl))
+        self.Y = nn.Parameter(torch.empty(rl, res))
+        if config.init == "zero":
+            nn.init.kaiming_uniform_(self.X)  # bound √(6/r_lora), as the code
+            nn.init.zeros_(self.Y)
+        else:
+            nn.init.normal_(self.X, std=0.01)
+            nn.init.normal_(self.Y, std=0.01)
+        self.register_buffer("U", torch.empty(0), persistent=False)
+        self.register_buffer("S", torch.empty(0), persistent=False)
+        self.register_buffer("Vh", torch.empty(0), persistent=False)
+
+    @torch.no_grad()
+    def _ensure_svd(self, base: nn.Module) -> None:
+        if self.S.numel():
+            return
+        w = weight_2d(base).float()
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        # sign convention: the largest-magnitude entry of each right singular vector is positive
+        idx = Vh.abs().argmax(dim=1)
+        sign = torch.sign(Vh.gather(1, idx[:, None]))[:, 0]
+        sign[sign == 0] = 1
+        self.U, self.S, self.Vh = U * sign, S, Vh * sign[:, None]
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        self._ensure_svd(base)
+        r = self.r
+        s_top, s_res = self.S[:r], self.S[r:]
+        d_top = F.relu(self.alpha * s_top + self.beta) - s_top  # (r,)
+        sigma_res = torch.diag(s_res) + self.X @ self.Y
+        m = F.relu(sigma_res) - torch.diag(s_res)  # (k−r)², ReLU on the whole block as in the official code
+        top = (self.U[:, :r] * d_top) @ self.Vh[:r]
+        return top + (self.U[:, r:] @ m) @ self.Vh[r:]
+
+    @staticmethod
+    def expected_trainable(out_features: int, in_features: int, config: SaltConfig) -> int:
+        k = min(out_features, in_features)
+        r = min(config.r, k)
+        return 2 * r + 2 * (k - r) * config.r_lora
