@@ -196,7 +196,7 @@ class AdapterModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} exists already")
         delta_cls = delta_class(config.adapter_type)
-        names = [n.removesuffix(".base_layer") for n in resolve_targets(self.base_model, config.target_modules)]
+        names = resolve_targets(self.base_model, config.target_modules)
         for name in dict.fromkeys(names):
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
@@ -309,7 +309,9 @@ class AdapterModel(nn.Module):
         return out
 
     # --- files ------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
+    ) -> None:
         """PEFT's layout: the ``default`` adapter in ``save_directory``, others in ``save_directory/<name>``."""
         from pathopeft import __version__
 
@@ -324,7 +326,11 @@ class AdapterModel(nn.Module):
             }
             cfg["pathopeft_version"] = __version__
             tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
-            meta = {"format": "pt", "adapter_type": cfg["adapter_type"], **{k: str(v) for k, v in cfg["base_model"].items()}}
+            meta = {
+                "format": "pt",
+                "adapter_type": cfg["adapter_type"],
+                **{k: str(v) for k, v in cfg["base_model"].items()},
+            }
             tmp = d / (WEIGHTS_NAME + ".tmp")
             save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, d / WEIGHTS_NAME)
@@ -340,7 +346,12 @@ class AdapterModel(nn.Module):
     ) -> AdapterModel:
         """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder from ``save_pretrained``)."""
         config = read_adapter_config(model_id)
-        wrapped = cls(model, config, adapter_name)
+        try:
+            wrapped = cls(model, config, adapter_name)
+        except ValueError as e:  # the saved targets do not exist in this model
+            raise AdapterLoadError(
+                f"{model_id}: this adapter does not fit this {architecture_name(model)!r}: {e}"
+            ) from e
         wrapped._load_weights(model_id, adapter_name)
         if not is_trainable:
             for p in wrapped.parameters():

@@ -47,6 +47,12 @@ class Method:
 
 _OURS: dict[str, Method] = {}
 PEFT_LORA_FAMILY = ("lora", "dora", "pissa")
+LINEAR_ONLY = ("pissa",)  # PEFT's PiSSA initialisation is defined for nn.Linear only
+
+
+def supports_conv(name: str) -> bool:
+    """Whether ``name`` adapts ``nn.Conv2d`` (ours do, on the out × in·kh·kw view; PEFT's LoRA/DoRA do)."""
+    return name.lower() not in LINEAR_ONLY
 
 
 def register(name: str, config_cls: type[AdapterConfig], delta_cls: type[Delta]) -> None:
@@ -130,6 +136,10 @@ def create(
 
     import peft
 
+    if not supports_conv(name):
+        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+        if convs:
+            raise ValueError(f"{name} adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
     config = _peft_config(name, names, rank, alpha, **kwargs)
     pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
     pm._pathopeft_base = {"architecture": architecture_name(model), "fingerprint": fingerprint(model, names)}

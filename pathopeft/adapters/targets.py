@@ -46,7 +46,8 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]
 
     Raises ``ValueError`` when nothing matches, naming the preset and a few of the model's layer names.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
+    # an already adapted layer keeps its original name (its wrapper holds the real layer as ``base_layer``)
+    layers = {n.removesuffix(".base_layer"): m for n, m in model.named_modules() if isinstance(m, ADAPTABLE)}
     if isinstance(targets, str) and targets in PRESETS:
         names = [n for n in layers if _suffix_match(n, PRESETS[targets])]
     elif targets in ("all-linear", "all-conv", "all"):

@@ -31,7 +31,6 @@ with W + ΔW. Merged, it costs exactly the base layer.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -69,7 +69,10 @@ class BudgetAllocator:
     def scores(self) -> list[float]:
         if not self.ipt:
             return [1.0] * len(self.deltas)
-        return [float(sum((ip * un).mean() for ip, un in zip(self.ipt[i], self.unc[i], strict=True))) for i in range(len(self.deltas))]
+        return [
+            float(sum((ip * un).mean() for ip, un in zip(self.ipt[i], self.unc[i], strict=True)))
+            for i in range(len(self.deltas))
+        ]
 
     def allocate(self, total_keep: int) -> list[int]:
         """Share ``total_keep`` entries in proportion to the scores, capped per layer, leftovers passed on."""
@@ -81,7 +84,7 @@ class BudgetAllocator:
             z = sum(scores[i] for i in open_)
             given = 0
             for i in sorted(open_):
-                want = int(round(left * scores[i] / z))
+                want = round(left * scores[i] / z)
                 take = min(want, self.sizes[i] - alloc[i])
                 alloc[i] += take
                 given += take

@@ -83,7 +83,9 @@ class SnellaDelta(Delta):
         def branch(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
             dw = self._delta(a, b, *mix).to(h.dtype)
             if isinstance(base, nn.Conv2d):
-                return F.conv2d(h, dw.view_as(base.weight), None, base.stride, base.padding, base.dilation, base.groups)
+                return F.conv2d(
+                    h, dw.view_as(base.weight), None, base.stride, base.padding, base.dilation, base.groups
+                )
             return F.linear(h, dw)
 
         h = self.drop(x)

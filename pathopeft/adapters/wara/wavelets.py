@@ -22,8 +22,12 @@ _SQ3 = math.sqrt(3.0)
 _BUILTIN = {
     "haar": [1 / math.sqrt(2), 1 / math.sqrt(2)],
     "db1": [1 / math.sqrt(2), 1 / math.sqrt(2)],
-    "db2": [(1 + _SQ3) / (4 * math.sqrt(2)), (3 + _SQ3) / (4 * math.sqrt(2)),
-            (3 - _SQ3) / (4 * math.sqrt(2)), (1 - _SQ3) / (4 * math.sqrt(2))],  # fmt: skip
+    "db2": [
+        (1 + _SQ3) / (4 * math.sqrt(2)),
+        (3 + _SQ3) / (4 * math.sqrt(2)),
+        (3 - _SQ3) / (4 * math.sqrt(2)),
+        (1 - _SQ3) / (4 * math.sqrt(2)),
+    ],
 }
 
 
@@ -75,7 +79,11 @@ def _analysis_matrix_f64(n: int, wavelet: str, level: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def analysis_matrix(
-    n: int, wavelet: str = "haar", level: int = 1, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    n: int,
+    wavelet: str = "haar",
+    level: int = 1,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The orthogonal L-level DWT matrix for length ``n`` (cached per size, device and dtype: a constant)."""
     return _analysis_matrix_f64(n, wavelet, level).to(device=device, dtype=dtype)

@@ -1,0 +1,215 @@
+"""What each of our methods claims beyond the shared matrix: the maths in their docstrings."""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from pathopeft import adapters
+from pathopeft.adapters.salt import SaltConfig, SaltDelta
+from pathopeft.adapters.snella import BudgetAllocator, SnellaBudgetCallback, SnellaConfig, SnellaDelta
+from pathopeft.adapters.snella.layer import sparsify
+from pathopeft.adapters.wara import WaraConfig, WaraDelta
+from pathopeft.adapters.wara.wavelets import analysis_matrix, dwt2, idwt2, subbands_2d
+from tests.adapters.test_conformance import _vit, build, x_for
+
+
+# --- wavelets ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("wavelet", "level", "shape"), [("haar", 1, (8, 12)), ("haar", 2, (16, 8)), ("db2", 1, (8, 8)), ("db2", 2, (32, 16)), ("db2", 1, (2, 4))])  # fmt: skip
+def test_dwt_is_orthogonal_with_perfect_reconstruction(wavelet, level, shape):
+    for n in shape:
+        d = analysis_matrix(n, wavelet, level, dtype=torch.float64)
+        torch.testing.assert_close(d @ d.T, torch.eye(n, dtype=torch.float64))
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(idwt2(dwt2(x, wavelet, level), wavelet, level), x)
+    idwt2(dwt2(x, wavelet, level), wavelet, level).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))  # differentiable, and the round trip is identity
+
+
+def test_haar_of_a_constant_is_all_in_ll():
+    c = dwt2(torch.ones(8, 8, dtype=torch.float64), "haar", 1)
+    assert c[:4, :4].abs().min() > 0
+    c[:4, :4] = 0
+    assert c.abs().max() < 1e-12
+
+
+def test_subbands_tile_the_coefficient_matrix():
+    covered = torch.zeros(16, 8, dtype=torch.int64)
+    bands = subbands_2d(16, 8, level=2)
+    assert [b[0] for b in bands] == ["LL2", "LH2", "HL2", "HH2", "LH1", "HL1", "HH1"]
+    for _, rows, cols in bands:
+        covered[rows, cols] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+
+
+def test_unknown_wavelet_fails_at_config_time():
+    with pytest.raises(ValueError, match="wavelet 'nope'"):
+        WaraConfig(wavelet="nope")
+
+
+# --- WaRA ----------------------------------------------------------------------------------------------------
+def _randomised_wara(out_f: int, in_f: int, r: int, shared: bool = False) -> torch.Tensor:
+    layer = nn.Linear(in_f, out_f).double()
+    delta = WaraDelta(layer, WaraConfig(r=r)).double()
+    with torch.no_grad():
+        for i, b in enumerate(delta.B):
+            b.copy_(delta.B[0] if shared and i else torch.randn_like(b))
+        if shared:
+            for a in delta.A:
+                a.copy_(delta.A[0])
+    return delta.delta_weight(layer)
+
+
+def test_wara_is_not_lora():
+    """Per-subband factors reach rank 4r; LoRA with the same parameter count (rank 2r) cannot exceed 2r."""
+    r, out_f, in_f = 2, 24, 16
+    dw = _randomised_wara(out_f, in_f, r)
+    lora_rank_same_params = WaraDelta.expected_trainable(out_f, in_f, WaraConfig(r=r)) // (out_f + in_f)
+    assert lora_rank_same_params == 2 * r
+    assert torch.linalg.matrix_rank(dw) == 4 * r
+
+
+def test_shared_factors_would_collapse_to_a_lora_like_update():
+    """Why WaRA here has per-subband factors: one pair shared by all Haar subbands gives rank ≤ 2r (v1's figure)."""
+    r = 2
+    dw = _randomised_wara(24, 16, r, shared=True)
+    assert torch.linalg.matrix_rank(dw) <= 2 * r
+
+
+def test_wara_factored_forward_equals_dense_delta():
+    layer = nn.Linear(10, 14)  # odd/non-power sizes: padded to even and cropped
+    delta = WaraDelta(layer, WaraConfig(r=3, wavelet="db2"))
+    with torch.no_grad():
+        for b in delta.B:
+            b.normal_()
+    x = torch.randn(5, 10)
+    dense = nn.functional.linear(x, layer.weight + delta.delta_weight(layer), layer.bias)
+    torch.testing.assert_close(delta(x, layer), dense, atol=1e-5, rtol=1e-5)
+
+
+# --- SALT ----------------------------------------------------------------------------------------------------
+def test_salt_takes_the_svd_of_weights_loaded_after_wrapping():
+    """Users load checkpoints into a wrapped model; SALT's SVD must see them (it is taken at first use)."""
+    x = x_for("vit")
+    model = adapters.create("salt", build("vit", seed=0), rank=4, targets="attn")
+    other = build("vit", seed=1)
+    sd = {k.replace(".base_layer", ""): v for k, v in other.state_dict().items()}
+    for name, p in model.base_model.named_parameters():
+        if ".deltas." not in name:
+            with torch.no_grad():
+                p.copy_(sd[name.replace(".base_layer", "")])
+    torch.testing.assert_close(model(x), other(x), atol=2e-5, rtol=1e-4)
+
+
+def test_salt_update_matches_the_svd_formula_and_clips_negative_entries():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8)
+    d = SaltDelta(layer, SaltConfig(r=2, r_lora=2))
+    with torch.no_grad():
+        d.alpha.fill_(-1.0)  # α·s + β < 0: the ReLU must zero these singular values
+        d.Y.normal_()
+    w = layer.weight.detach()
+    _U, S, _Vh = torch.linalg.svd(w, full_matrices=False)
+    dw = d.delta_weight(layer)
+    sigma = torch.zeros(6, 6)
+    sigma[2:, 2:] = torch.diag(S[2:]) + d.X @ d.Y
+    sigma = torch.relu(sigma)  # top block: ReLU(−s) = 0
+    ref = d.U @ sigma @ d.Vh - w
+    torch.testing.assert_close(dw, ref, atol=1e-5, rtol=1e-5)
+    assert (torch.relu(torch.diag(S[2:]) + d.X @ d.Y) != torch.diag(S[2:]) + d.X @ d.Y).any()  # clipping happened
+
+
+def test_salt_normal_init_is_not_identity_and_zero_init_is():
+    layer = nn.Linear(16, 16)
+    assert SaltDelta(layer, SaltConfig(init="zero")).delta_weight(layer).abs().max() == 0
+    assert SaltDelta(layer, SaltConfig(init="normal")).delta_weight(layer).abs().max() > 0
+
+
+def test_salt_sign_convention_makes_the_svd_reproducible():
+    layer = nn.Linear(12, 9)
+    d1, d2 = SaltDelta(layer, SaltConfig(r=3)), SaltDelta(layer, SaltConfig(r=3))
+    d1._ensure_svd(layer)
+    d2._ensure_svd(layer)
+    idx = d1.Vh.abs().argmax(dim=1)
+    assert (d1.Vh.gather(1, idx[:, None]) > 0).all()
+    torch.testing.assert_close(d1.U @ torch.diag(d1.S) @ d1.Vh, layer.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
+# --- SNELLA --------------------------------------------------------------------------------------------------
+def test_sparsify_keeps_the_requested_fraction():
+    k = torch.randn(40, 50)
+    out = sparsify(k, 0.9, weighted=False)
+    assert (out != 0).sum() == 200
+    kept = out != 0
+    assert k.abs()[kept].min() >= k.abs()[~kept].max()
+    torch.testing.assert_close(sparsify(k, 0.0, weighted=True), k * k.abs())
+
+
+def test_snella_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10)
+    x = torch.randn(4, 12)
+    grads = []
+    for ckpt in (True, False):
+        torch.manual_seed(1)
+        d = SnellaDelta(layer, SnellaConfig(r=4, checkpoint=ckpt, sparsity=0.5))
+        d(x, layer).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in d.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_budget_schedule_and_allocation():
+    model = adapters.create("snella", build("vit"), rank=4, targets="attn+mlp", sparsity=0.5)
+    alloc = BudgetAllocator(model, total_steps=10, target_keep=0.1)
+    assert alloc.keep_fraction(0) == pytest.approx(0.5)
+    assert alloc.keep_fraction(10) == pytest.approx(0.1)
+    fr = [alloc.keep_fraction(t) for t in range(11)]
+    assert all(a >= b for a, b in itertools.pairwise(fr))
+    total = sum(alloc.sizes) // 4
+    shares = alloc.allocate(total)
+    assert sum(shares) == total
+    assert all(0 <= s <= n for s, n in zip(shares, alloc.sizes, strict=True))
+
+
+def test_budget_follows_importance():
+    model = adapters.create("snella", build("vit"), rank=4, targets="attn", sparsity=0.5)
+    alloc = BudgetAllocator(model, total_steps=4, target_keep=0.2)
+    x = x_for("vit")
+    model(x).pow(2).sum().backward()
+    alloc.update_importance()
+    scores = alloc.scores()
+    best = max(range(len(scores)), key=scores.__getitem__)
+    shares = alloc.allocate(sum(alloc.sizes) // 5)
+    dens = [s / n for s, n in zip(shares, alloc.sizes, strict=True)]
+    assert dens[best] == max(dens)
+
+
+class _Fit(pl.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, _):
+        return self.model(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def test_budget_callback_in_a_lightning_fit(tmp_path):
+    model = adapters.create("snella", _vit(), rank=4, targets="attn", sparsity=0.5)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32)), batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[SnellaBudgetCallback(target_keep=0.1)], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(_Fit(model), data)
+    deltas = [m for m in model.modules() if isinstance(m, SnellaDelta)]
+    kept = sum((1 - d.sparsity) * d.out_features * d.in_features for d in deltas)
+    total = sum(d.out_features * d.in_features for d in deltas)
+    assert kept / total == pytest.approx(0.1, abs=0.01)  # 0.5 kept at the start → 0.1 at the last step
+    assert len({round(d.sparsity, 6) for d in deltas}) > 1  # layers competed: budgets differ
