@@ -130,9 +130,13 @@ def create_backbone(
 
 
 def apply_adapter(backbone: Backbone, adapter_dir: str | os.PathLike[str]) -> Backbone:
-    """Load a PEFT adapter directory onto the backbone and merge it, for fine-tuned feature extraction."""
-    from peft import PeftModel
+    """Load an adapter folder (ours or PEFT's) onto the backbone and merge it, for fine-tuned features.
 
-    peft_model = PeftModel.from_pretrained(backbone.model, str(adapter_dir))
-    backbone.model = peft_model.merge_and_unload().eval()
+    Merged, extraction costs exactly the base model; a folder made for another model fails with
+    :class:`pathopeft.adapters.AdapterLoadError` naming both.
+    """
+    from pathopeft import adapters
+
+    wrapped = adapters.load(backbone.model, adapter_dir)
+    backbone.model = wrapped.merge_and_unload().eval()
     return backbone

@@ -4,6 +4,7 @@
     pathopeft wsi tile      same without features
     pathopeft wsi info      what a slide reports: levels, mpp and where it came from
     pathopeft wsi qc        rebuild summary.md / failures.csv of a run folder
+    pathopeft adapters …    list methods, count trainable parameters, inspect an adapter folder
     pathopeft data sample   fetch the CC0 demo slide into the cache
     pathopeft doctor        versions, OpenSlide library, CUDA
 
@@ -255,6 +256,53 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from pathopeft.adapters.registry import _OURS, PEFT_LORA_FAMILY
+
+    for name, m in _OURS.items():
+        doc = (m.config_cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:8s} pathopeft  {doc}")
+    for name in PEFT_LORA_FAMILY:
+        print(f"{name:8s} peft       LoRA family from PEFT (use_dora / init_lora_weights='pissa')")
+    print("other PEFT methods by their PEFT name (waveft, miss, randlora, vera, ia3, …) with their own keywords")
+    return 0
+
+
+def cmd_adapters_count(args: argparse.Namespace) -> int:
+    """Trainable parameters of a method on a timm architecture (random init, nothing downloaded)."""
+    import timm
+
+    from pathopeft import adapters
+
+    model = timm.create_model(args.model, pretrained=False, **(args.model_kwargs or {}))
+    total = sum(p.numel() for p in model.parameters())
+    extra = args.method_kwargs or {}
+    try:
+        wrapped = adapters.create(args.method, model, rank=args.rank, targets=args.targets, **extra)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    n_layers = len(adapters.resolve_targets(model, args.targets))
+    print(
+        f"{args.method} rank {args.rank} on {args.model} ({args.targets}: {n_layers} layers): "
+        f"{trainable:,} trainable of {total:,} base parameters ({100 * trainable / total:.3f} %)"
+    )
+    return 0
+
+
+def cmd_adapters_info(args: argparse.Namespace) -> int:
+    cfg = args.adapter_dir / "adapter_config.json"
+    if not cfg.is_file():
+        print(f"error: {cfg}: no adapter config here", file=sys.stderr)
+        return 2
+    print(cfg.read_text().rstrip())
+    base = args.adapter_dir / "pathopeft_base.json"
+    if base.is_file():
+        print(base.read_text().rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathopeft", description="Computational pathology toolkit (WSI processing, MIL, PEFT)."
@@ -286,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("sample", help="download CMU-1-Small-Region.svs (CC0) into the cache and print its path")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_data_sample)
+
+    ad = sub.add_parser("adapters", help="parameter-efficient adapters: list, count, inspect").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = ad.add_parser("list", help="registered methods (ours and PEFT's)")
+    p.set_defaults(func=cmd_adapters_list)
+    p = ad.add_parser("count", help="trainable parameters of a method on a timm model (random init)")
+    p.add_argument("method", help="salt | wara | snella | lora | dora | pissa | any PEFT method name")
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm architecture")
+    p.add_argument("--model-kwargs", type=json.loads, help="JSON kwargs for timm.create_model")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="attn", help="attn | attn+mlp | all-linear | all-conv | all | regex")
+    p.add_argument("--method-kwargs", type=json.loads, help="JSON config keywords, e.g. '{\"r_lora\": 4}'")
+    p.set_defaults(func=cmd_adapters_count)
+    p = ad.add_parser("info", help="print an adapter folder's config and base-model fingerprint")
+    p.add_argument("adapter_dir", type=Path)
+    p.set_defaults(func=cmd_adapters_info)
 
     p = sub.add_parser("doctor", help="report versions and hardware")
     p.set_defaults(func=cmd_doctor)

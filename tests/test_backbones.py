@@ -80,3 +80,24 @@ def test_real_densenet_weights_load(shared_dir):
     assert bb.dim == 1024
     ref = load_state_dict_file(w)["features.conv0.weight"]
     torch.testing.assert_close(bb.model.state_dict()["features.conv0.weight"], ref)
+
+
+@pytest.mark.parametrize("method", ["salt", "lora"])
+def test_adapter_is_merged_for_feature_extraction(tmp_path, method):
+    """`--adapter DIR` (ours or PEFT's) gives the fine-tuned encoder, merged to base-model cost."""
+    from pathopeft import adapters
+    from pathopeft.backbones import apply_adapter
+
+    torch.manual_seed(0)
+    tuned = adapters.create(method, tiny_backbone().model, rank=2, targets="attn")
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    expected = tuned(x)
+    adapters.save(tuned, tmp_path / "ad")
+    torch.manual_seed(0)
+    bb = apply_adapter(tiny_backbone(), tmp_path / "ad")
+    assert not any("lora_" in n or ".deltas." in n for n, _ in bb.model.named_parameters())
+    torch.testing.assert_close(bb.model(x), expected, atol=1e-5, rtol=1e-4)

@@ -5,7 +5,16 @@ import pytest
 
 from pathopeft.cli import build_parser, main
 
-SUBCOMMANDS = [["wsi", "process"], ["wsi", "tile"], ["wsi", "info"], ["wsi", "qc"], ["data", "sample"], ["doctor"]]
+SUBCOMMANDS = [
+    ["adapters", "count"],
+    ["adapters", "info"],
+    ["wsi", "process"],
+    ["wsi", "tile"],
+    ["wsi", "info"],
+    ["wsi", "qc"],
+    ["data", "sample"],
+    ["doctor"],
+]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
@@ -94,3 +103,16 @@ def test_failed_slide_gives_exit_code_1(slides_dir, tmp_path):
     )
     assert rc == 1
     assert "histolab-broken" in (tmp_path / "failures.csv").read_text()
+
+
+def test_adapters_list_and_count(capsys):
+    assert main(["adapters", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("salt", "wara", "snella", "lora", "dora", "pissa"))
+    kw = '{"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2}'
+    assert (
+        main(["adapters", "count", "lora", "--model", "vit_tiny_patch16_224", "--model-kwargs", kw, "--rank", "2"])
+        == 0
+    )
+    assert "384 trainable" in capsys.readouterr().out  # qkv 2·(32+96) + proj 2·(32+32)
+    assert main(["adapters", "count", "salt", "--model", "vit_tiny_patch16_224", "--targets", "nope"]) == 2

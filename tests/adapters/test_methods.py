@@ -213,3 +213,25 @@ def test_budget_callback_in_a_lightning_fit(tmp_path):
     total = sum(d.out_features * d.in_features for d in deltas)
     assert kept / total == pytest.approx(0.1, abs=0.01)  # 0.5 kept at the start → 0.1 at the last step
     assert len({round(d.sparsity, 6) for d in deltas}) > 1  # layers competed: budgets differ
+
+
+def test_salt_singular_value_relu_is_the_diagonal_clipped_update_in_factored_form():
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 7)
+    d = SaltDelta(layer, SaltConfig(r=2, r_lora=3, relu="singular_values"))
+    with torch.no_grad():
+        d.Y.normal_(std=3.0)  # large enough that some residual singular values would turn negative
+        d.alpha[0] = -1.0
+    d._ensure_svd(layer)
+    k = 7
+    sigma = torch.zeros(k, k)
+    sigma[:2, :2] = torch.diag(d.alpha * d.S[:2] + d.beta)
+    sigma[2:, 2:] = torch.diag(d.S[2:]) + d.X @ d.Y
+    sigma = sigma - torch.diag(torch.diag(sigma)) + torch.diag(torch.relu(torch.diag(sigma)))
+    ref = d.U @ sigma @ d.Vh - layer.weight.detach()
+    torch.testing.assert_close(d.delta_weight(layer), ref, atol=1e-4, rtol=1e-4)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(
+        d(x, layer), nn.functional.linear(x, layer.weight + ref, layer.bias), atol=1e-4, rtol=1e-4
+    )
+    assert (torch.diag(d.S[2:]) + d.X @ d.Y).diagonal().min() < 0  # the correction path was exercised

@@ -24,7 +24,12 @@ Choices where paper and code differ (we follow the code unless said):
 * The paper's "3.9 % trainable" also trains norms and positional embeddings: set
   ``unfreeze=["norm", "pos_embed"]`` in the config for that.
 
-Cost: ΔW is rebuilt each step in factored pieces — U[:, :r]·diag(δ)·V[:, :r]ᵀ + U_res·M·V_resᵀ with the
+``relu="singular_values"`` (our option, not in the paper or code) applies the ReLU to the diagonal of Σ'
+only — it still keeps singular values non-negative, but leaves X·Y unclipped, so
+ΔW = U_top·diag(δ)·V_topᵀ + (U_res X)(Y V_resᵀ) + U_res·diag(c)·V_resᵀ with c ≠ 0 only where a residual
+singular value would turn negative: a low-rank product that runs as base(x) + x·Qᵀ·Pᵀ like LoRA.
+
+Cost of the faithful ``relu="full"``: ΔW is rebuilt each step in factored pieces — U[:, :r]·diag(δ)·V[:, :r]ᵀ + U_res·M·V_resᵀ with the
 (k−r)² block M — i.e. out·(k−r)·(k−r+in) flops, independent of batch size; the adapted layer then runs once
 with W + ΔW. Merged, it costs exactly the base layer.
 """
@@ -74,6 +79,9 @@ class SaltDelta(Delta):
         self.U, self.S, self.Vh = U * sign, S, Vh * sign[:, None]
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        if self.config.relu == "singular_values":
+            p, q = self.factors(base)
+            return p @ q
         self._ensure_svd(base)
         r = self.r
         s_top, s_res = self.S[:r], self.S[r:]
@@ -82,6 +90,27 @@ class SaltDelta(Delta):
         m = F.relu(sigma_res) - torch.diag(s_res)  # (k−r)², ReLU on the whole block as in the official code
         top = (self.U[:, :r] * d_top) @ self.Vh[:r]
         return top + (self.U[:, r:] @ m) @ self.Vh[r:]
+
+    def factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """P, Q with ΔW = P Q for ``relu="singular_values"`` (diagonal ReLU keeps the update low-rank)."""
+        self._ensure_svd(base)
+        r = self.r
+        s_top, s_res = self.S[:r], self.S[r:]
+        d_top = F.relu(self.alpha * s_top + self.beta) - s_top
+        diag_xy = (self.X * self.Y.T).sum(dim=1)
+        shifted = s_res + diag_xy
+        corr = F.relu(shifted) - shifted  # > 0 only where a residual singular value would go negative
+        nz = torch.nonzero(corr.detach() > 0).flatten()
+        u_res, vh_res = self.U[:, r:], self.Vh[r:]
+        p = torch.cat([self.U[:, :r] * d_top, u_res @ self.X, u_res[:, nz] * corr[nz]], dim=1)
+        q = torch.cat([self.Vh[:r], self.Y @ vh_res, vh_res[nz]], dim=0)
+        return p, q
+
+    def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.config.relu == "singular_values" and isinstance(base, nn.Linear):
+            p, q = self.factors(base)
+            return base(x) + F.linear(F.linear(x.to(q.dtype), q), p).to(x.dtype)
+        return super().forward(x, base)
 
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: SaltConfig) -> int:
