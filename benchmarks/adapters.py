@@ -26,6 +26,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -78,6 +80,11 @@ def variants(rank: int) -> list[tuple[str, str, dict]]:
     out = [("lora", "lora", {"rank": rank}), ("dora", "dora", {"rank": rank}), ("pissa", "pissa", {"rank": rank})]
     out += [
         ("salt", "salt", {"rank": rank, "r_lora": rank}),
+        (
+            "salt (ReLU on singular values, factored)",
+            "salt",
+            {"rank": rank, "r_lora": rank, "relu": "singular_values"},
+        ),
         ("wara", "wara", {"rank": rank}),
         (f"wara (r={max(1, rank // 2)}, LoRA's params)", "wara", {"rank": max(1, rank // 2)}),
         ("snella", "snella", {"rank": rank}),
@@ -147,10 +154,11 @@ def _rss_kib(field: str) -> int:
 
 
 def measure_memory(args: argparse.Namespace, method: str | None, kwargs: dict) -> float:
-    """Peak extra MiB of ``args.mem_steps`` train steps after a warm-up step (run in a fresh process)."""
+    """Peak extra MiB over the model at rest during ``args.mem_steps`` train steps (run in a fresh process).
+
+    Counted from before the first step, so optimizer state and activations are both in it."""
     model = make(args, method, kwargs).train()
     step = make_step(model, args)
-    step()  # optimizer state and allocator pools exist from here on
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -159,7 +167,9 @@ def measure_memory(args: argparse.Namespace, method: str | None, kwargs: dict) -
             step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    before = _rss_kib("VmRSS")
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _rss_kib("VmRSS")  # the model at rest, before any step: optimizer state counts as the method's
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     for _ in range(args.mem_steps):
@@ -260,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         (
             f"Step time: best of {args.rounds} interleaved rounds (median in brackets). Peak memory: extra MiB "
-            f"over the model at rest during {args.mem_steps} train steps, each method in its own process."
+            f"over the model at rest (before the first step: activations, gradients, optimizer state) during "
+            f"{args.mem_steps} train steps, each method in its own process."
         ),
         "",
         "| method | trainable | % of base | step ms | × LoRA step | peak MiB | × LoRA mem | merged inference × base |",

@@ -149,14 +149,16 @@ def test_sparsify_keeps_the_requested_fraction():
     torch.testing.assert_close(sparsify(k, 0.0, weighted=True), k * k.abs())
 
 
-def test_snella_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_snella_checkpointing_gives_the_same_gradients(dropout):
+    """Merged form (dropout 0) and branch form (dropout > 0, here in eval mode) with and without checkpoint."""
     torch.manual_seed(0)
     layer = nn.Linear(12, 10)
     x = torch.randn(4, 12)
     grads = []
     for ckpt in (True, False):
         torch.manual_seed(1)
-        d = SnellaDelta(layer, SnellaConfig(r=4, checkpoint=ckpt, sparsity=0.5))
+        d = SnellaDelta(layer, SnellaConfig(r=4, checkpoint=ckpt, sparsity=0.5, dropout=dropout)).eval()
         d(x, layer).pow(2).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in d.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

@@ -20,8 +20,11 @@ softmax term's axis is the output axis; the code puts dropout 0.1 and drop-path 
 ``dropout`` option, default 0, no drop-path); ΔW is not zero at init (Kaiming-uniform factors; |ΔW| ≈ 1e-6
 after the weighting), so SNELLA does not claim identity at init.
 
-Memory: the branch runs under ``torch.utils.checkpoint``, so the dense m×n kernel and mask are not kept
-for backward (recomputed instead); what persists is the factors and their optimizer state, as in the code.
+Memory and time: the code runs ΔW x as a parallel branch under ``torch.utils.checkpoint`` (two matmuls
+forward, one more in the recompute). We run the layer once with W + ΔW inside the checkpoint instead: the
+dense m×n kernel, mask and W + ΔW are still not kept for backward (only x and the factors are), at one
+matmul forward plus one in the recompute. With ``dropout > 0`` the branch form is used (dropout applies to
+the branch input only, as in the code).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pathopeft.adapters.core import Delta
+from pathopeft.adapters.core import Delta, base_forward_with_weight
 from pathopeft.adapters.snella.config import SnellaConfig
 
 
@@ -80,20 +83,29 @@ class SnellaDelta(Delta):
         return self._delta(self.a, self.b, *self._mix())
 
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        def branch(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
-            dw = self._delta(a, b, *mix).to(h.dtype)
-            if isinstance(base, nn.Conv2d):
-                return F.conv2d(
-                    h, dw.view_as(base.weight), None, base.stride, base.padding, base.dilation, base.groups
-                )
-            return F.linear(h, dw)
+        mix = self._mix()
+        if self.config.dropout > 0:  # dropout on the branch input only (as the code): two matmuls
+            h = self.drop(x)
 
-        h = self.drop(x)
-        if self.config.checkpoint and torch.is_grad_enabled() and self.a.requires_grad:
-            extra = checkpoint(branch, h, self.a, self.b, *self._mix(), use_reentrant=False)
-        else:
-            extra = branch(h, self.a, self.b, *self._mix())
-        return base(x) + extra
+            def branch(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
+                dw = self._delta(a, b, *mix).to(h.dtype).view_as(base.weight)
+                if isinstance(base, nn.Conv2d):
+                    return F.conv2d(h, dw, None, base.stride, base.padding, base.dilation, base.groups)
+                return F.linear(h, dw)
+
+            run = checkpoint if self._checkpointing() else (lambda f, *args, **_: f(*args))
+            return base(x) + run(branch, h, self.a, self.b, *mix, use_reentrant=False)
+
+        def merged(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
+            w = base.weight + self._delta(a, b, *mix).to(base.weight.dtype).view_as(base.weight)
+            return base_forward_with_weight(base, x, w)
+
+        if self._checkpointing():
+            return checkpoint(merged, x, self.a, self.b, *mix, use_reentrant=False)
+        return merged(x, self.a, self.b, *mix)
+
+    def _checkpointing(self) -> bool:
+        return self.config.checkpoint and torch.is_grad_enabled() and self.a.requires_grad
 
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: SnellaConfig) -> int:
