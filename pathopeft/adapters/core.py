@@ -102,6 +102,9 @@ class Delta(nn.Module):
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def before_load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Hook: reshape this adapter to fit saved ``tensors`` (keys relative to it) before they are copied."""
+
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         w = base.weight + self.delta_weight(base).to(base.weight.dtype).view_as(base.weight)
         return base_forward_with_weight(base, x, w)
@@ -301,7 +304,7 @@ class AdapterModel(nn.Module):
         cfg = self.peft_config[name]
         out: dict[str, torch.Tensor] = {}
         marker = f".deltas.{name}."
-        for n, p in self.base_model.named_parameters():
+        for n, p in self.base_model.state_dict(keep_vars=True).items():  # parameters and persistent buffers
             if marker in n:
                 out[n.replace(marker, f".{cfg.adapter_type}.")] = p.detach()
             elif ".deltas." not in n and ".base_layer." not in n and any(s in n for s in cfg.unfreeze):
@@ -372,9 +375,15 @@ class AdapterModel(nn.Module):
         check_base_model(self.base_model, self._targets[adapter_name], saved, d)
         tensors = load_file(d / WEIGHTS_NAME)
         cfg = self.peft_config[adapter_name]
-        params = dict(self.base_model.named_parameters())
+        tag = f".{cfg.adapter_type}."
+        for layer_name, layer in self._layers().items():
+            if adapter_name in layer.deltas:
+                prefix = f"{layer_name}{tag}"
+                own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                layer.deltas[adapter_name].before_load(own)
+        params = self.base_model.state_dict(keep_vars=True)
         for key, value in tensors.items():
-            name = key.replace(f".{cfg.adapter_type}.", f".deltas.{adapter_name}.", 1)
+            name = key.replace(tag, f".deltas.{adapter_name}.", 1)
             if name not in params:
                 raise AdapterLoadError(f"{d / WEIGHTS_NAME}: tensor {key!r} has no place in this model")
             if params[name].shape != value.shape:

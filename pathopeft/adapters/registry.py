@@ -30,6 +30,7 @@ from pathopeft.adapters.core import (
     check_base_model,
     fingerprint,
 )
+from pathopeft.adapters.owlora import OwloraConfig, OwloraDelta
 from pathopeft.adapters.salt import SaltConfig, SaltDelta
 from pathopeft.adapters.snella import SnellaConfig, SnellaDelta
 from pathopeft.adapters.targets import resolve_targets
@@ -64,6 +65,7 @@ def register(name: str, config_cls: type[AdapterConfig], delta_cls: type[Delta])
 register("salt", SaltConfig, SaltDelta)
 register("wara", WaraConfig, WaraDelta)
 register("snella", SnellaConfig, SnellaDelta)
+register("owlora", OwloraConfig, OwloraDelta)
 
 
 def list_methods(include_peft: bool = True) -> list[str]:
