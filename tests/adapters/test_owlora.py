@@ -46,7 +46,7 @@ def _two_tasks(protect_inputs: bool = True, **kw):
 
 
 def test_new_task_is_orthogonal_and_old_task_is_frozen():
-    model, (x0, _), (x1, y1) = _two_tasks()
+    model, (_x0, _), (x1, y1) = _two_tasks()
     old = {n: p.detach().clone() for n, p in model.named_parameters() if ".A.0" in n or ".B.0" in n or ".w.0" in n}
     assert old
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in old)
@@ -70,7 +70,7 @@ def test_protecting_old_inputs_keeps_old_task_outputs():
 
 
 def test_task_incremental_selection_and_round_trip(tmp_path):
-    model, (x0, _), (x1, y1) = _two_tasks()
+    model, (_x0, _), (x1, y1) = _two_tasks()
     _fit(model, x1, y1)
     both = model(x1).detach()
     set_active_tasks(model, [0])
