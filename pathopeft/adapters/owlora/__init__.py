@@ -5,6 +5,7 @@ from pathopeft.adapters.owlora.layer import (
     max_overlap,
     next_task,
     owlora_deltas,
+    protect_current,
     set_active_tasks,
 )
 

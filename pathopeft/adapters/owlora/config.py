@@ -19,6 +19,8 @@ class OwloraConfig(AdapterConfig):
     protect_inputs: bool = True
     energy: float = 0.95
     max_protected: float = 0.5
+    orthogonal: bool = True  # False: plain LoRA per task (the ablation / "one LoRA per task" baseline)
+    weighted: bool = True  # False: every task's weight stays 1
 
     def __post_init__(self) -> None:
         if self.r < 1:

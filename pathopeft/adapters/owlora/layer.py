@@ -57,15 +57,16 @@ class OwloraDelta(Delta):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.A.append(nn.Parameter(a))
         self.B.append(nn.Parameter(torch.zeros(self.out_features, self.config.r, device=dev)))
-        self.w.append(nn.Parameter(torch.ones((), device=dev)))
+        self.w.append(nn.Parameter(torch.ones((), device=dev), requires_grad=self.config.weighted))
         self.register_buffer(f"Q{len(self.A) - 1}", protected.to(a))  # saved in the adapter file
 
     def requires_grad_(self, requires_grad: bool = True) -> OwloraDelta:
         """Only the current task can train; earlier tasks' adapters stay frozen whatever the caller asks."""
         for p in (*self.A[:-1], *self.B[:-1], *self.w[:-1]):
             p.requires_grad_(False)
-        for p in (self.A[-1], self.B[-1], self.w[-1]):
+        for p in (self.A[-1], self.B[-1]):
             p.requires_grad_(requires_grad)
+        self.w[-1].requires_grad_(requires_grad and self.config.weighted)
         return self
 
     def before_load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -85,7 +86,10 @@ class OwloraDelta(Delta):
         return a - (a @ q) @ q.T if q.numel() else a
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tasks = range(self.n_tasks) if self.active_tasks is None else self.active_tasks
+        tasks = list(range(self.n_tasks) if self.active_tasks is None else self.active_tasks)
+        if not tasks:  # no adapter selected (task-incremental inference of the base model's task)
+            a = self.A[0]
+            return a.new_zeros(self.out_features, 0), a.new_zeros(0, self.in_features)
         scale = self.config.scaling
         p = torch.cat([self.B[s] * (self.w[s] * scale) for s in tasks], dim=1)
         q = torch.cat([self.projected_A(s) for s in tasks], dim=0)
@@ -115,10 +119,16 @@ class OwloraDelta(Delta):
         self._n_inputs += flat.shape[0]
 
     @torch.no_grad()
-    def protected_basis(self) -> torch.Tensor:
-        """Orthonormal basis (in × k) of all adapters' row spaces plus, if collected, the old input subspace."""
+    def protected_basis(self, include_current: bool = True) -> torch.Tensor:
+        """Orthonormal basis (in × k) of the adapters' row spaces plus, if collected, the old input subspace.
+
+        Empty when ``orthogonal=False`` (plain LoRA per task)."""
         cfg: OwloraConfig = self.config
-        cols = [self.projected_A(s).detach().T for s in range(self.n_tasks)]
+        if not cfg.orthogonal:
+            self._input_cov = None
+            return torch.zeros(self.in_features, 0)
+        last = self.n_tasks if include_current else self.n_tasks - 1
+        cols = [self.projected_A(s).detach().T for s in range(last)]
         cols.append(self._q(self.n_tasks - 1))
         if self._input_cov is not None and cfg.protect_inputs and self._n_inputs:
             evals, evecs = torch.linalg.eigh(self._input_cov)
@@ -158,6 +168,15 @@ def next_task(model: nn.Module) -> None:
     """Freeze the current task's adapters and open the next task in the protected complement."""
     for d in owlora_deltas(model):
         d.add_task(d.protected_basis())
+
+
+def protect_current(model: nn.Module) -> None:
+    """Restrict the *current* task's adapters to the complement of the inputs collected so far.
+
+    Used once before the first adapter task, when the earlier task trained the base model itself."""
+    for d in owlora_deltas(model):
+        q = d.protected_basis(include_current=False)
+        d.register_buffer(f"Q{d.n_tasks - 1}", q.to(d.A[-1]))
 
 
 def set_active_tasks(model: nn.Module, tasks: list[int] | None) -> None:
