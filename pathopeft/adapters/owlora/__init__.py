@@ -16,5 +16,6 @@ __all__ = [
     "max_overlap",
     "next_task",
     "owlora_deltas",
+    "protect_current",
     "set_active_tasks",
 ]
