@@ -145,6 +145,11 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
+# glibc serves every allocation above 64 KiB with its own mmap and returns it on free, so the resident set
+# follows live tensors instead of the allocator's retained pools: VmHWM then measures the real peak.
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -179,7 +184,7 @@ def measure_memory(args: argparse.Namespace, method: str | None, kwargs: dict) -
 
 def memory_in_subprocess(args: argparse.Namespace, label: str, method: str | None, kwargs: dict) -> float:
     cmd = [sys.executable, __file__, "--_memory", json.dumps([method, kwargs]), *args.passthrough]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=MALLOC_ENV)
     if out.returncode != 0:
         print(f"memory run for {label} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
         return float("nan")
@@ -300,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def measure_memory_baseline(args: argparse.Namespace) -> float:
     """A frozen model with only the classifier head trainable: the floor every method adds to."""
     cmd = [sys.executable, __file__, "--_memory", json.dumps([None, {}]), *args.passthrough]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=MALLOC_ENV)
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
