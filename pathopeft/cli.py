@@ -4,6 +4,7 @@
     pathopeft wsi tile      same without features
     pathopeft wsi info      what a slide reports: levels, mpp and where it came from
     pathopeft wsi qc        rebuild summary.md / failures.csv of a run folder
+    pathopeft mil run|compare   continual MIL (CoMEL and baselines) on feature bags
     pathopeft adapters …    list methods, count trainable parameters, inspect an adapter folder
     pathopeft data sample   fetch the CC0 demo slide into the cache
     pathopeft doctor        versions, OpenSlide library, CUDA
@@ -303,6 +304,40 @@ def cmd_adapters_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mil_config(args: argparse.Namespace):
+    from pathopeft.mil.continual import load_config
+
+    return load_config(
+        args.config, strategy=getattr(args, "strategy", None), setting=args.setting, out_dir=args.out_dir,
+        epochs=args.epochs, seed=args.seed, manifest=args.manifest,
+    )  # fmt: skip
+
+
+def cmd_mil_run(args: argparse.Namespace) -> int:
+    from pathopeft.mil.continual import run_continual
+
+    try:
+        cfg = _mil_config(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state = run_continual(cfg)
+    print((Path(cfg.out_dir) / f"{cfg.strategy}-{cfg.setting}" / "results.md").read_text())
+    return 0 if state["done"] else 1
+
+
+def cmd_mil_compare(args: argparse.Namespace) -> int:
+    from pathopeft.mil.continual import compare
+
+    try:
+        cfg = _mil_config(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(compare(cfg, args.strategies).to_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathopeft", description="Computational pathology toolkit (WSI processing, MIL, PEFT)."
@@ -334,6 +369,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("sample", help="download CMU-1-Small-Region.svs (CC0) into the cache and print its path")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_data_sample)
+
+    mil = sub.add_parser("mil", help="continual multiple-instance learning (CoMEL) on feature bags").add_subparsers(
+        dest="cmd", required=True
+    )
+    for name, helptext in (
+        ("run", "train one strategy task after task (resumes after a crash)"),
+        ("compare", "run several strategies on the same data and seed; one report"),
+    ):
+        p = mil.add_parser(name, help=helptext)
+        p.add_argument("--config", type=Path, required=True, help="YAML of ContinualConfig fields (configs/mil/)")
+        p.add_argument("--manifest", help="bag manifest CSV (slide_id,path,label,task,split)")
+        p.add_argument("--out-dir", help="output folder")
+        p.add_argument("--setting", choices=["class", "task"], help="class- or task-incremental")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--seed", type=int)
+        if name == "run":
+            p.add_argument("--strategy", help="comel | owlora | lora | finetune | ewc | replay | joint")
+            p.set_defaults(func=cmd_mil_run)
+        else:
+            p.add_argument(
+                "--strategies", nargs="+", default=["comel", "lora", "finetune", "ewc", "replay", "joint"],
+                help="strategies to compare",
+            )  # fmt: skip
+            p.set_defaults(func=cmd_mil_compare)
 
     ad = sub.add_parser("adapters", help="parameter-efficient adapters: list, count, inspect").add_subparsers(
         dest="cmd", required=True

@@ -1,0 +1,363 @@
+"""The continual runner: train task after task, evaluate on every task seen, save, resume after a crash.
+
+One run = one strategy on one task sequence:
+
+* ``comel``     — GDAT (or any registered model) + BPPL instance head; task 1 trains the whole net, every later
+  task adds an OWLoRA adapter (orthogonal to earlier adapters and to earlier tasks' input subspaces, per-task
+  weight) on all its linear layers, bag and instance classifiers included. Rehearsal-free.
+* ``owlora``    — the same without BPPL (ablation).
+* ``lora``      — one plain LoRA per later task (no orthogonality, no weights): the adapter baseline.
+* ``finetune``  — keep training the same net (lower bound).
+* ``ewc``       — finetune + elastic weight consolidation (Kirkpatrick et al. 2017).
+* ``replay``    — finetune + a small buffer of earlier tasks' training bags (experience replay).
+* ``joint``     — one training run on all tasks together (upper bound).
+
+Settings: ``class`` incremental (one label space, no task id at test time) or ``task`` incremental (the
+task id selects the classes, and for adapter strategies the adapters up to that task).
+
+After every task the runner writes ``task_<t>/net.pt`` (the whole net, for resuming), the adapters as
+safetensors (``task_<t>/adapters``) and ``state.json`` (atomically); a rerun resumes after the last finished
+task. Results: ``results.csv``, ``results.md``, ``R_<strategy>.png`` and per-slide heatmaps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from pathopeft import adapters
+from pathopeft.adapters.owlora import collect_inputs, next_task, protect_current, set_active_tasks
+from pathopeft.mil import metrics
+from pathopeft.mil.bppl import BPPLConfig
+from pathopeft.mil.data import BagDataModule, BagDataset, BagRecord, load_bag, read_bag_manifest
+from pathopeft.mil.module import ContinualMILModule, MILNet, fisher_diagonal, predict_bag
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("comel", "owlora", "lora", "finetune", "ewc", "replay", "joint")
+ADAPTER_STRATEGIES = ("comel", "owlora", "lora")
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by ``crash_after_task`` (tests of resume)."""
+
+
+@dataclass
+class ContinualConfig:
+    manifest: str
+    out_dir: str
+    strategy: str = "comel"
+    setting: str = "class"
+    classes: list[str] = field(default_factory=lambda: ["benign", "aca", "scc"])
+    tasks: list[str] = field(default_factory=lambda: ["aca", "scc"])
+    task_class: dict[str, str] = field(default_factory=dict)  # task → its tumour class (default: same name)
+    benign: str = "benign"
+    model: str = "gdat"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    use_bppl: bool | None = None  # default: only for comel
+    bppl: dict[str, Any] = field(default_factory=dict)
+    owlora: dict[str, Any] = field(default_factory=lambda: {"r": 8})
+    ewc_lambda: float = 50.0
+    replay_per_task: int = 4
+    collect_bags: int = 32  # training bags per task used to estimate the input subspaces
+    heatmaps: int = 2  # per task, from the test split, with the final model
+    train_classes: str = "current"  # logits trained per task: "current" (benign + this task's class) or "seen"
+    accelerator: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} unknown; choose from {STRATEGIES}")
+        if self.setting not in ("class", "task"):
+            raise ValueError(f"setting must be 'class' or 'task', got {self.setting!r}")
+        if self.train_classes not in ("current", "seen"):
+            raise ValueError(f"train_classes must be 'current' or 'seen', got {self.train_classes!r}")
+        if self.benign not in self.classes:
+            raise ValueError(f"benign class {self.benign!r} is not in classes {self.classes}")
+        for t in self.tasks:
+            if self.task_class.get(t, t) not in self.classes:
+                raise ValueError(f"task {t!r}: class {self.task_class.get(t, t)!r} is not in classes {self.classes}")
+
+    @property
+    def bppl_on(self) -> bool:
+        return self.use_bppl if self.use_bppl is not None else self.strategy == "comel"
+
+    def cls(self, name: str) -> int:
+        return self.classes.index(name)
+
+    def train_allowed(self, t: int) -> list[int]:
+        """Classes in the training softmax of task ``t``. "current" keeps old classes' logits out of the loss,
+        so learning a new class does not push the old ones down (the usual rehearsal-free CIL masking, as in
+        L2P/DualPrompt); used by every strategy alike."""
+        if self.train_classes == "current" or self.setting == "task":
+            return [self.cls(self.benign), self.cls(self.task_class.get(self.tasks[t], self.tasks[t]))]
+        return self.allowed(t)
+
+    def allowed(self, t: int) -> list[int]:
+        """Classes the model may predict while training task ``t`` (and when evaluating task ``t`` in TIL)."""
+        if self.setting == "task":
+            return [self.cls(self.benign), self.cls(self.task_class.get(self.tasks[t], self.tasks[t]))]
+        return [self.cls(self.benign)] + [self.cls(self.task_class.get(s, s)) for s in self.tasks[: t + 1]]
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ContinualRunner:
+    def __init__(self, cfg: ContinualConfig) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.out_dir) / f"{cfg.strategy}-{cfg.setting}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.records = read_bag_manifest(cfg.manifest)
+        missing = [t for t in cfg.tasks if not any(r.task == t for r in self.records)]
+        if missing:
+            raise ValueError(f"{cfg.manifest}: no bags for task(s) {missing}")
+        self.in_dim = load_bag(self.records[0].path)["features"].shape[1]
+        self.state_path = self.root / "state.json"
+
+    # --- state -----------------------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
+            if state.get("config") != asdict(self.cfg):
+                raise ValueError(f"{self.state_path}: written by a different configuration; use another out_dir")
+            return state
+        return {"config": asdict(self.cfg), "done": 0, "R": [], "I": [], "train_time_s": 0.0, "peak_rss_mib": 0.0}
+
+    def _bags(self, task: str, split: str) -> list[BagRecord]:
+        return [r for r in self.records if r.task == task and r.split == split]
+
+    def _loaded(self, records: list[BagRecord], limit: int | None = None) -> list[dict[str, Any]]:
+        ds = BagDataset(records, self.cfg.classes)
+        idx = range(len(ds)) if limit is None else range(min(limit, len(ds)))
+        return [ds[i] for i in idx]
+
+    # --- strategy hooks --------------------------------------------------------------------------------
+    def _before_task(self, net: torch.nn.Module, t: int) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.strategy not in ADAPTER_STRATEGIES or t == 0:
+            return net
+        prev = self._loaded(self._bags(cfg.tasks[t - 1], "train"), cfg.collect_bags)
+
+        def forward(bag: dict[str, Any]) -> None:
+            net(bag["features"], bag["coords"].float())
+
+        if t == 1:
+            kw = dict(cfg.owlora)
+            if cfg.strategy == "lora":
+                kw.update(orthogonal=False, weighted=False)
+            net = adapters.create("owlora", net, targets="all-linear", **kw)
+            collect_inputs(net, prev, forward)
+            protect_current(net)
+        else:
+            collect_inputs(net, prev, forward)
+            next_task(net)
+        return net
+
+    def _active_tasks(self, t_eval: int) -> list[int] | None:
+        """TIL with adapters: adapters up to the evaluated task (adapter s serves task s + 1)."""
+        if self.cfg.setting == "task" and self.cfg.strategy in ADAPTER_STRATEGIES:
+            return list(range(t_eval))
+        return None
+
+    # --- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, net: torch.nn.Module, t_trained: int) -> tuple[list[float], list[float]]:
+        cfg = self.cfg
+        accs, aucs = [], []
+        for j in range(len(cfg.tasks) if cfg.strategy == "joint" else t_trained + 1):
+            allowed = cfg.allowed(j) if cfg.setting == "task" else cfg.allowed(t_trained)
+            if self._is_adapted(net):
+                set_active_tasks(net, self._active_tasks(j))
+            correct, n, scores, labels = 0, 0, [], []
+            for bag in self._loaded(self._bags(cfg.tasks[j], "test")):
+                pred = predict_bag(net, bag, allowed, cfg.cls(cfg.benign))
+                correct += int(int(pred["probs"].argmax()) == bag["label"])
+                n += 1
+                if bag["instance_labels"] is not None:
+                    s = pred["tile_scores"] if cfg.bppl_on else pred["attention"] / pred["attention"].max()
+                    scores.append(s)
+                    labels.append(bag["instance_labels"])
+            if self._is_adapted(net):
+                set_active_tasks(net, None)
+            accs.append(correct / max(n, 1))
+            inst = metrics.instance_metrics(torch.cat(scores), torch.cat(labels))["auc"] if scores else float("nan")
+            aucs.append(inst)
+        return accs, aucs
+
+    @staticmethod
+    def _is_adapted(net: torch.nn.Module) -> bool:
+        return isinstance(net, adapters.AdapterModel)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def run(self, crash_after_task: int | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        state = self._load_state()
+        _seed(cfg.seed)
+        n_tasks = 1 if cfg.strategy == "joint" else len(cfg.tasks)
+        if state["done"]:
+            net = torch.load(self.root / f"task_{state['done'] - 1}" / "net.pt", weights_only=False)
+            log.info("resuming %s after task %d", self.root, state["done"])
+        else:
+            net = MILNet(cfg.model, self.in_dim, len(cfg.classes), **cfg.model_kwargs)
+        ewc: dict[str, Any] = {}
+        replay: list[BagRecord] = []
+        for t in range(state["done"], n_tasks):
+            _seed(cfg.seed + t)
+            if cfg.strategy == "ewc" and t > 0:
+                prev = self._loaded(self._bags(cfg.tasks[t - 1], "train"), cfg.collect_bags)
+                ewc.update(fisher_diagonal(net, prev, cfg.train_allowed(t - 1)))  # one penalty per finished task
+            if cfg.strategy == "replay" and t > 0:
+                rng = random.Random(cfg.seed + t)
+                pool = self._bags(cfg.tasks[t - 1], "train")
+                replay += rng.sample(pool, min(cfg.replay_per_task, len(pool)))
+            net = self._before_task(net, t)
+            tasks = cfg.tasks if cfg.strategy == "joint" else [cfg.tasks[t]]
+            allowed = list(range(len(cfg.classes))) if cfg.strategy == "joint" else cfg.train_allowed(t)
+            module = ContinualMILModule(
+                net, allowed, cfg.cls(cfg.benign), cfg.bppl_on, BPPLConfig(**cfg.bppl), cfg.lr, cfg.weight_decay,
+                ewc=ewc if cfg.strategy == "ewc" else None, ewc_lambda=cfg.ewc_lambda,
+            )  # fmt: skip
+            dm = BagDataModule(self.records, cfg.classes, tasks, replay=replay, seed=cfg.seed + t)
+            trainer = pl.Trainer(
+                max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
+                num_sanity_val_steps=0, default_root_dir=str(self.root), limit_val_batches=0,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            trainer.fit(module, dm)
+            state["train_time_s"] += time.perf_counter() - t0
+            accs, aucs = self.evaluate(net, t)
+            state["R"].append(accs)
+            state["I"].append(aucs)
+            state["peak_rss_mib"] = max(
+                state["peak_rss_mib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            )
+            task_dir = self.root / f"task_{t}"
+            task_dir.mkdir(exist_ok=True)
+            torch.save(net, task_dir / "net.pt.tmp")
+            os.replace(task_dir / "net.pt.tmp", task_dir / "net.pt")
+            if self._is_adapted(net):
+                adapters.save(net, task_dir / "adapters")
+            state["done"] = t + 1
+            _atomic_json(self.state_path, state)
+            log.info("task %d (%s) done: accuracies %s", t, tasks, [round(a, 3) for a in accs])
+            if crash_after_task == t:
+                raise InjectedCrash(f"injected crash after task {t}")
+        self._report(net, state)
+        return state
+
+    def _matrix(self, rows: list[list[float]]) -> np.ndarray:
+        t = len(self.cfg.tasks)
+        m = np.full((t, t), np.nan)
+        if self.cfg.strategy == "joint":  # one row, evaluated on every task: report it as the final row
+            m[-1, :] = rows[-1]
+            return m
+        for i, row in enumerate(rows):
+            m[i, : len(row)] = row
+        return m
+
+    def _report(self, net: torch.nn.Module, state: dict[str, Any]) -> None:
+        cfg = self.cfg
+        report = metrics.ContinualReport(task_names=list(cfg.tasks))
+        report.add(
+            cfg.strategy, self._matrix(state["R"]), instance_auc=self._matrix(state["I"]),
+            train_time_s=state["train_time_s"], peak_memory_mib=state["peak_rss_mib"],
+        )  # fmt: skip
+        report.to_csv(self.root / "results.csv")
+        (self.root / "results.md").write_text(report.to_markdown() + "\n")
+        report.plot_matrix(self.root / f"R_{cfg.strategy}.png", cfg.strategy)
+        heat = self.root / "heatmaps"
+        heat.mkdir(exist_ok=True)
+        final = cfg.allowed(len(cfg.tasks) - 1) if cfg.setting == "class" else None
+        for j, task in enumerate(cfg.tasks):
+            positives = [r for r in self._bags(task, "test") if r.label != cfg.benign][: cfg.heatmaps]
+            for rec in positives:
+                bag = load_bag(rec.path)
+                bag["label"] = cfg.cls(rec.label)
+                if self._is_adapted(net):
+                    set_active_tasks(net, self._active_tasks(j))
+                pred = predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign))
+                if self._is_adapted(net):
+                    set_active_tasks(net, None)
+                scores = pred["tile_scores"] if cfg.bppl_on else pred["attention"] / pred["attention"].max()
+                thumb, ds = _thumbnail(rec, bag)
+                metrics.plot_instance_heatmap(
+                    bag["coords"].numpy(), scores.numpy(), bag["tile_size_l0"], heat / f"{rec.slide_id}.png",
+                    thumbnail=thumb, thumbnail_downsample=ds,
+                    labels=None if bag["instance_labels"] is None else bag["instance_labels"].numpy(),
+                    title=f"{cfg.strategy}: {rec.slide_id} ({rec.label})",
+                )  # fmt: skip
+
+
+def _thumbnail(rec: BagRecord, bag: dict[str, Any]) -> tuple[np.ndarray | None, float]:
+    if rec.thumbnail is None or not rec.thumbnail.is_file():
+        return None, 1.0
+    from PIL import Image
+
+    img = np.asarray(Image.open(rec.thumbnail).convert("RGB"))
+    extent = float(bag["coords"][:, 0].max()) + bag["tile_size_l0"] if len(bag["coords"]) else img.shape[1]
+    return img, extent / img.shape[1]
+
+
+def run_continual(cfg: ContinualConfig, crash_after_task: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one strategy on one task sequence; see the module docstring."""
+    return ContinualRunner(cfg).run(crash_after_task)
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> ContinualConfig:
+    """A :class:`ContinualConfig` from YAML; ``overrides`` (not None) replace its fields. Relative paths are
+    relative to the working directory (run from the repository root, as the README does)."""
+    import yaml
+
+    p = Path(path)
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise TypeError(f"{p}: expected a mapping of ContinualConfig fields")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = set(ContinualConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{p}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return ContinualConfig(**data)
+
+
+def compare(
+    cfg: ContinualConfig, strategies: list[str], out: str | os.PathLike[str] | None = None
+) -> metrics.ContinualReport:
+    """Run several strategies on the same data/seed/setting and gather them in one report."""
+    report = metrics.ContinualReport(task_names=list(cfg.tasks))
+    for strategy in strategies:
+        run_cfg = ContinualConfig(**{**asdict(cfg), "strategy": strategy})
+        runner = ContinualRunner(run_cfg)
+        state = runner.run()
+        report.add(
+            strategy, runner._matrix(state["R"]), instance_auc=runner._matrix(state["I"]),
+            train_time_s=state["train_time_s"], peak_memory_mib=state["peak_rss_mib"],
+        )  # fmt: skip
+    root = Path(out or cfg.out_dir)
+    report.to_csv(root / f"compare-{cfg.setting}.csv")
+    (root / f"compare-{cfg.setting}.md").write_text(report.to_markdown() + "\n")
+    return report

@@ -1,0 +1,134 @@
+"""The LightningModule that trains a MIL model on one task of a continual sequence.
+
+``MILNet`` = a registered MIL model (bag classifier inside) + an instance classifier on its per-instance
+features. ``ContinualMILModule`` trains it on bags one at a time with
+
+    loss = CE(bag logits restricted to the classes allowed now, bag label)
+         + λ_inst · CE(instance logits, BPPL pseudo-labels)            (strategy uses BPPL)
+         + λ_ewc/2 · Σ F_k (θ_k − θ*_k)²                               (strategy "ewc")
+
+Which classes are "allowed" is the setting: class-incremental — every class seen so far (no task id at test
+time); task-incremental — benign and the current task's class (the task id picks the head). Continual
+strategies that change the *parameters* (OWLoRA adapters, freezing) are applied by the runner
+(:mod:`pathopeft.mil.continual`) between tasks, so this module stays one plain Lightning training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathopeft.mil.bppl import BPPLConfig, instance_loss, pseudo_labels
+from pathopeft.mil.models import create_mil_model
+from pathopeft.mil.models.base import MILOutput
+
+
+class MILNet(nn.Module):
+    """Bag model + instance head: ``forward(x, coords) -> (MILOutput, instance_logits (N, C))``."""
+
+    def __init__(self, model: str, in_dim: int, n_classes: int, **model_kwargs: Any) -> None:
+        super().__init__()
+        self.mil = create_mil_model(model, in_dim=in_dim, n_classes=n_classes, **model_kwargs)
+        self.instance_head = nn.Linear(self.mil.hidden_dim, n_classes)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[MILOutput, torch.Tensor]:
+        out = self.mil(x, coords)
+        return out, self.instance_head(out.instance_features)
+
+
+def masked(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
+    """Logits with the classes outside ``allowed`` at −inf (they can be neither predicted nor trained)."""
+    mask = torch.full_like(logits, float("-inf"))
+    mask[..., list(allowed)] = 0.0
+    return logits + mask
+
+
+class ContinualMILModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: MILNet,
+        allowed_classes: Sequence[int],
+        benign_class: int = 0,
+        use_bppl: bool = True,
+        bppl: BPPLConfig | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        ewc: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ewc_lambda: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.allowed = list(allowed_classes)
+        self.benign = benign_class
+        self.use_bppl = use_bppl
+        self.bppl = bppl or BPPLConfig()
+        self.lr, self.weight_decay = lr, weight_decay
+        self.ewc, self.ewc_lambda = ewc or {}, ewc_lambda
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[MILOutput, torch.Tensor]:
+        return self.net(x, coords)
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out, inst_logits = self.net(batch["features"], batch["coords"].float())
+        label = torch.as_tensor(batch["label"], device=out.bag_logits.device)
+        losses = {"bag": F.cross_entropy(masked(out.bag_logits, self.allowed)[None], label[None])}
+        if self.use_bppl and self.current_epoch >= self.bppl.warmup_epochs:
+            pl_labels = pseudo_labels(out.instance_features, out.attention, int(label), self.benign, self.bppl)
+            losses["instance"] = self.bppl.weight * instance_loss(masked(inst_logits, self.allowed), pl_labels)
+        if self.ewc and self.ewc_lambda > 0:
+            params = dict(self.net.named_parameters())
+            pen = sum((fisher * (params[n] - star).pow(2)).sum() for n, (fisher, star) in self.ewc.items())
+            losses["ewc"] = 0.5 * self.ewc_lambda * pen
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        total = sum(losses.values())
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=1, on_epoch=True, on_step=False)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out, _ = self.net(batch["features"], batch["coords"].float())
+        pred = int(masked(out.bag_logits, self.allowed).argmax())
+        self.log("val/acc", float(pred == int(batch["label"])), batch_size=1, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@torch.no_grad()
+def predict_bag(net: MILNet, bag: dict[str, Any], allowed: Sequence[int], benign_class: int = 0) -> dict[str, Any]:
+    """Bag probabilities over ``allowed`` classes, attention and per-tile tumour scores of one bag."""
+    net.eval()
+    out, inst = net(bag["features"], bag["coords"].float())
+    probs = torch.softmax(masked(out.bag_logits, allowed).float(), dim=-1)
+    inst_probs = torch.softmax(masked(inst, allowed).float(), dim=-1)
+    return {
+        "probs": probs,
+        "attention": out.attention.float(),
+        "tile_scores": 1.0 - inst_probs[:, benign_class],
+    }
+
+
+def fisher_diagonal(net: MILNet, bags: Sequence[dict[str, Any]], allowed: Sequence[int]) -> dict[str, tuple]:
+    """Diagonal empirical Fisher of the bag loss at the current parameters (EWC, Kirkpatrick et al. 2017)."""
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    net.eval()
+    for bag in bags:
+        net.zero_grad()
+        out, _ = net(bag["features"], bag["coords"].float())
+        label = torch.as_tensor([bag["label"]])
+        F.cross_entropy(masked(out.bag_logits, allowed)[None], label).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach() ** 2 / max(1, len(bags))
+    net.zero_grad()
+    return {n: (fisher[n], params[n].detach().clone()) for n in params}
