@@ -6,6 +6,8 @@ import pytest
 from pathopeft.cli import build_parser, main
 
 SUBCOMMANDS = [
+    ["mil", "run"],
+    ["mil", "compare"],
     ["adapters", "count"],
     ["adapters", "info"],
     ["wsi", "process"],
@@ -116,3 +118,10 @@ def test_adapters_list_and_count(capsys):
     )
     assert "384 trainable" in capsys.readouterr().out  # qkv 2·(32+96) + proj 2·(32+32)
     assert main(["adapters", "count", "salt", "--model", "vit_tiny_patch16_224", "--targets", "nope"]) == 2
+
+
+def test_mil_run_reports_bad_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("manifest: x.csv\nout_dir: o\nstratgy: comel\n")
+    assert main(["mil", "run", "--config", str(cfg)]) == 2
+    assert "unknown field(s) ['stratgy']" in capsys.readouterr().err
