@@ -28,3 +28,13 @@ def test_test_slides_manifest_points_at_shared(shared_dir):
     assert len(entries) == 6
     missing = [e.path for e in entries if not e.path.is_file()]
     assert not missing, f"manifest paths not found: {missing}"
+
+
+@pytest.mark.parametrize("cfg", sorted((ROOT / "configs" / "mil").glob("*.yaml")), ids=lambda p: p.name)
+def test_mil_configs_parse(cfg):
+    from pathopeft.mil.continual import load_config
+    from pathopeft.mil.models import create_mil_model
+
+    c = load_config(cfg)
+    assert c.tasks
+    create_mil_model(c.model, in_dim=8, n_classes=len(c.classes), **c.model_kwargs)  # kwargs fit the model

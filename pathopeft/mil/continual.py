@@ -279,6 +279,24 @@ class ContinualRunner:
             m[i, : len(row)] = row
         return m
 
+    def _export_tile_scores(self, net: torch.nn.Module, final: list[int] | None) -> None:
+        """``tile_scores.h5``: per test slide, level-0 coords and the final model's tile scores (heatmaps,
+        localization metrics elsewhere) and the tile ground truth when known."""
+        cfg = self.cfg
+        rows = []
+        for j, task in enumerate(cfg.tasks):
+            if self._is_adapted(net):
+                set_active_tasks(net, self._active_tasks(j))
+            for rec in self._bags(task, "test"):
+                bag = load_bag(rec.path)
+                pred = predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign))
+                s = pred["tile_scores"] if cfg.bppl_on else pred["attention"] / pred["attention"].max()
+                labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
+                rows.append((rec.slide_id, bag["coords"].numpy(), s.numpy(), labels))
+            if self._is_adapted(net):
+                set_active_tasks(net, None)
+        _write_scores(self.root / "tile_scores.h5", rows)
+
     def _report(self, net: torch.nn.Module, state: dict[str, Any]) -> None:
         cfg = self.cfg
         report = metrics.ContinualReport(task_names=list(cfg.tasks))
@@ -292,6 +310,7 @@ class ContinualRunner:
         heat = self.root / "heatmaps"
         heat.mkdir(exist_ok=True)
         final = cfg.allowed(len(cfg.tasks) - 1) if cfg.setting == "class" else None
+        self._export_tile_scores(net, final)
         for j, task in enumerate(cfg.tasks):
             positives = [r for r in self._bags(task, "test") if r.label != cfg.benign][: cfg.heatmaps]
             for rec in positives:
@@ -310,6 +329,20 @@ class ContinualRunner:
                     labels=None if bag["instance_labels"] is None else bag["instance_labels"].numpy(),
                     title=f"{cfg.strategy}: {rec.slide_id} ({rec.label})",
                 )  # fmt: skip
+
+
+def _write_scores(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> None:
+    import h5py
+
+    tmp = path.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as f:
+        for slide_id, coords, scores, labels in rows:
+            g = f.create_group(slide_id)
+            g["coords"] = coords
+            g["scores"] = scores
+            if labels is not None:
+                g["instance_labels"] = labels
+    os.replace(tmp, path)
 
 
 def _thumbnail(rec: BagRecord, bag: dict[str, Any]) -> tuple[np.ndarray | None, float]:

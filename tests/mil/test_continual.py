@@ -103,7 +103,7 @@ def test_every_strategy_runs_and_reports(manifest, tmp_path, strategy):
     assert state["done"] == (1 if strategy == "joint" else 2)
     assert len(state["R"][-1]) == 2  # the last evaluation covers both tasks
     assert all(0.0 <= a <= 1.0 for a in state["R"][-1])
-    for name in ("results.csv", "results.md", f"R_{strategy}.png", "state.json"):
+    for name in ("results.csv", "results.md", f"R_{strategy}.png", "state.json", "tile_scores.h5"):
         assert (root / name).is_file(), name
     assert list((root / "heatmaps").glob("*.png"))
     if strategy in ("comel", "lora"):
@@ -116,6 +116,12 @@ def test_comel_learns_both_tasks_and_localizes(manifest, tmp_path):
     state = run_continual(_cfg(manifest, tmp_path, epochs=8))
     assert min(state["R"][-1]) >= 0.8
     assert state["I"][-1][0] > 0.8
+    with h5py.File(tmp_path / "comel-class" / "tile_scores.h5") as f:
+        g = f["aca_test_aca_0"]
+        assert g["scores"].shape == g["instance_labels"].shape == (16,)
+        assert (
+            g["scores"][:][g["instance_labels"][:] == 1].mean() > g["scores"][:][g["instance_labels"][:] == 0].mean()
+        )
 
 
 def test_task_incremental_setting(manifest, tmp_path):
