@@ -1,0 +1,1 @@
+"""Segmentation fine-tuning of vision encoders with parameter-efficient adapters."""
