@@ -103,6 +103,8 @@ class ContinualConfig:
         """Classes in the training softmax of task ``t``. "current" keeps old classes' logits out of the loss,
         so learning a new class does not push the old ones down (the usual rehearsal-free CIL masking, as in
         L2P/DualPrompt); used by every strategy alike."""
+        if self.strategy == "replay" and self.setting == "class":  # replayed bags carry earlier classes
+            return self.allowed(t)
         if self.train_classes == "current" or self.setting == "task":
             return [self.cls(self.benign), self.cls(self.task_class.get(self.tasks[t], self.tasks[t]))]
         return self.allowed(t)
@@ -187,8 +189,9 @@ class ContinualRunner:
     def evaluate(self, net: torch.nn.Module, t_trained: int) -> tuple[list[float], list[float]]:
         cfg = self.cfg
         accs, aucs = [], []
-        for j in range(len(cfg.tasks) if cfg.strategy == "joint" else t_trained + 1):
-            allowed = cfg.allowed(j) if cfg.setting == "task" else cfg.allowed(t_trained)
+        last = len(cfg.tasks) - 1 if cfg.strategy == "joint" else t_trained  # joint has seen every task
+        for j in range(last + 1):
+            allowed = cfg.allowed(j) if cfg.setting == "task" else cfg.allowed(last)
             if self._is_adapted(net):
                 set_active_tasks(net, self._active_tasks(j))
             correct, n, scores, labels = 0, 0, [], []

@@ -124,6 +124,13 @@ def test_comel_learns_both_tasks_and_localizes(manifest, tmp_path):
         )
 
 
+@pytest.mark.parametrize("strategy", ["replay", "joint"])
+def test_replay_and_joint_keep_the_old_class_in_class_incremental(manifest, tmp_path, strategy):
+    """The rehearsal/joint bounds must tell aca from scc at the end (they see both classes)."""
+    state = run_continual(_cfg(manifest, tmp_path, strategy=strategy, epochs=6, replay_per_task=6))
+    assert min(state["R"][-1]) >= 0.8
+
+
 def test_task_incremental_setting(manifest, tmp_path):
     state = run_continual(_cfg(manifest, tmp_path, setting="task", epochs=5))
     assert min(state["R"][-1]) >= 0.8
