@@ -5,6 +5,7 @@
     pathopeft wsi info      what a slide reports: levels, mpp and where it came from
     pathopeft wsi qc        rebuild summary.md / failures.csv of a run folder
     pathopeft mil run|compare   continual MIL (CoMEL and baselines) on feature bags
+    pathopeft seg fit|predict|compare   segmentation fine-tuning with adapters
     pathopeft adapters …    list methods, count trainable parameters, inspect an adapter folder
     pathopeft data sample   fetch the CC0 demo slide into the cache
     pathopeft doctor        versions, OpenSlide library, CUDA
@@ -338,6 +339,51 @@ def cmd_mil_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seg_fit(args: argparse.Namespace) -> int:
+    """LightningCLI over SegModule + SegDataModule: the YAML holds model, data and trainer sections."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from pathopeft.seg.data import SegDataModule
+    from pathopeft.seg.module import SegModule
+
+    LightningCLI(
+        SegModule, SegDataModule, args=["fit", "--config", str(args.config), *args.rest],
+        save_config_kwargs={"overwrite": True}, seed_everything_default=0,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_seg_predict(args: argparse.Namespace) -> int:
+    from pathopeft.seg.module import SegModule
+    from pathopeft.seg.predict import predict_files
+
+    if not args.ckpt.is_file():
+        print(f"error: checkpoint {args.ckpt} not found", file=sys.stderr)
+        return 2
+    module = SegModule.load_from_checkpoint(str(args.ckpt), map_location="cpu")
+    for p in predict_files(module.model, args.images, args.out, args.crop):
+        print(p)
+    return 0
+
+
+def cmd_seg_compare(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pathopeft.seg.compare import CompareConfig, run_compare
+
+    data = yaml.safe_load(args.config.read_text()) or {}
+    if args.out_dir:
+        data["out_dir"] = str(args.out_dir)
+    try:
+        cfg = CompareConfig(**data)
+    except TypeError as e:
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    run_compare(cfg)
+    print((Path(cfg.out_dir) / "report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathopeft", description="Computational pathology toolkit (WSI processing, MIL, PEFT)."
@@ -393,6 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
                 help="strategies to compare",
             )  # fmt: skip
             p.set_defaults(func=cmd_mil_compare)
+
+    seg = sub.add_parser("seg", help="segmentation fine-tuning with adapters").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = seg.add_parser("fit", help="train one model (LightningCLI: model/data/trainer sections in the YAML)")
+    p.add_argument("--config", type=Path, required=True, help="configs/seg/<name>.yaml")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="more LightningCLI arguments, e.g. --trainer.max_epochs 5")
+    p.set_defaults(func=cmd_seg_fit)
+    p = seg.add_parser("predict", help="full-size masks and overlays for images, from a checkpoint")
+    p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of seg fit (adapter + decoder only)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--crop", type=int, default=256, help="tile size the model was trained at")
+    p.add_argument("images", nargs="+", type=Path)
+    p.set_defaults(func=cmd_seg_predict)
+    p = seg.add_parser("compare", help="several adapters × a learning-rate sweep × seeds on one dataset; a report")
+    p.add_argument("--config", type=Path, required=True, help="configs/seg/compare_*.yaml (CompareConfig fields)")
+    p.add_argument("--out-dir", type=Path)
+    p.set_defaults(func=cmd_seg_compare)
 
     ad = sub.add_parser("adapters", help="parameter-efficient adapters: list, count, inspect").add_subparsers(
         dest="cmd", required=True

@@ -34,7 +34,7 @@ def _is_head(name: str) -> bool:
 
 
 def _is_stem(name: str) -> bool:
-    return name.startswith(("patch_embed", "stem", "conv1", "features.conv0", "conv_stem"))
+    return name.startswith(("patch_embed", "stem", "conv1", "features.conv0", "features_conv0", "conv_stem"))
 
 
 def _suffix_match(name: str, suffixes: Sequence[str]) -> bool:

@@ -200,7 +200,7 @@ class ContinualRunner:
                 correct += int(int(pred["probs"].argmax()) == bag["label"])
                 n += 1
                 if bag["instance_labels"] is not None:
-                    s = pred["tile_scores"] if cfg.bppl_on else pred["attention"] / pred["attention"].max()
+                    s = self._tile_scores(pred)
                     scores.append(s)
                     labels.append(bag["instance_labels"])
             if self._is_adapted(net):
@@ -209,6 +209,15 @@ class ContinualRunner:
             inst = metrics.instance_metrics(torch.cat(scores), torch.cat(labels))["auc"] if scores else float("nan")
             aucs.append(inst)
         return accs, aucs
+
+    def _tile_scores(self, pred: dict[str, Any]) -> torch.Tensor:
+        """Per-tile tumour scores: BPPL's instance head when trained, else attention relative to the bag's
+        most attended tile times the bag's tumour probability (so tiles of benign-looking bags stay low and
+        scores are comparable across slides, as the instance AUC pools them)."""
+        if self.cfg.bppl_on:
+            return pred["tile_scores"]
+        p_tumour = 1.0 - pred["probs"][self.cfg.cls(self.cfg.benign)]
+        return p_tumour * pred["attention"] / pred["attention"].max().clamp_min(1e-12)
 
     @staticmethod
     def _is_adapted(net: torch.nn.Module) -> bool:
@@ -293,7 +302,7 @@ class ContinualRunner:
             for rec in self._bags(task, "test"):
                 bag = load_bag(rec.path)
                 pred = predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign))
-                s = pred["tile_scores"] if cfg.bppl_on else pred["attention"] / pred["attention"].max()
+                s = self._tile_scores(pred)
                 labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
                 rows.append((rec.slide_id, bag["coords"].numpy(), s.numpy(), labels))
             if self._is_adapted(net):
@@ -324,7 +333,7 @@ class ContinualRunner:
                 pred = predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign))
                 if self._is_adapted(net):
                     set_active_tasks(net, None)
-                scores = pred["tile_scores"] if cfg.bppl_on else pred["attention"] / pred["attention"].max()
+                scores = self._tile_scores(pred)
                 thumb, ds = _thumbnail(rec, bag)
                 metrics.plot_instance_heatmap(
                     bag["coords"].numpy(), scores.numpy(), bag["tile_size_l0"], heat / f"{rec.slide_id}.png",

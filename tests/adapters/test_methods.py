@@ -237,3 +237,14 @@ def test_salt_singular_value_relu_is_the_diagonal_clipped_update_in_factored_for
         d(x, layer), nn.functional.linear(x, layer.weight + ref, layer.bias), atol=1e-4, rtol=1e-4
     )
     assert (torch.diag(d.S[2:]) + d.X @ d.Y).diagonal().min() < 0  # the correction path was exercised
+
+
+def test_snella_layer_sparsity_travels_with_the_adapter_file(tmp_path):
+    model = adapters.create("snella", build("vit"), rank=4, targets="attn", sparsity=0.5)
+    deltas = [m for m in model.modules() if isinstance(m, SnellaDelta)]
+    deltas[0].sparsity = 0.8  # as the budget allocator would
+    adapters.save(model, tmp_path / "a")
+    loaded = adapters.load(build("vit"), tmp_path / "a")
+    got = [m.sparsity for m in loaded.modules() if isinstance(m, SnellaDelta)]
+    assert got[0] == pytest.approx(0.8)
+    assert got[1] == pytest.approx(0.5)

@@ -64,8 +64,17 @@ class SnellaDelta(Delta):
             self.mix_alpha = nn.Parameter(torch.ones(()))
             self.mix_gamma = nn.Parameter(torch.ones(()))
             self.mix_beta = nn.Parameter(torch.zeros(()))
-        self.sparsity = config.sparsity  # moved by the budget allocator during training
+        # moved by the budget allocator during training; a buffer so adapter files and checkpoints keep it
+        self.register_buffer("layer_sparsity", torch.tensor(float(config.sparsity)))
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.layer_sparsity)
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        self.layer_sparsity.fill_(float(value))
 
     def _delta(self, a: torch.Tensor, b: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
         cfg: SnellaConfig = self.config

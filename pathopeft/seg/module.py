@@ -1,0 +1,193 @@
+"""``SegModule``: Lightning training of a :class:`~pathopeft.seg.model.SegModel` on image/mask tiles.
+
+Batches are dicts with ``image`` float (B, 3, H, W) in [0, 1] and ``mask`` int64 (B, H, W); the model
+normalises. Loss: MONAI ``DiceCELoss`` or ``DiceFocalLoss`` on softmax outputs. Validation: MONAI Dice and
+IoU of the argmax prediction, foreground classes only, per tile (full-slide stitching is the predictor's job).
+
+Precision: ``forward`` runs the model under ``torch.autocast(bfloat16)`` when its input is on CUDA and
+``bf16=True``, and returns float32 logits, so the module is the same under a ``precision="32"`` Trainer, in
+plain inference code, and on CPU (no autocast at all). A Trainer with ``precision="bf16-mixed"`` works too.
+
+Checkpoints hold only what training changed (adapter + decoder, see
+:meth:`SegModel.trainable_state_dict`) plus the hyperparameters that rebuild the frozen encoder from its
+weights file: megabytes instead of the encoder's size. ``SegModule.load_from_checkpoint`` restores them.
+
+Lightning's "Found N module(s) in eval mode at the start of training" warning is expected with a frozen or
+adapted encoder: :meth:`SegModel.train` keeps the frozen encoder (or its BatchNorm layers) in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
+
+from pathopeft.seg.model import SegModel
+
+TRAINABLE_ONLY = "pathopeft_trainable_only"  # checkpoint flag: the state dict lacks the frozen encoder
+
+
+def early_stopping(patience: int = 10, **kwargs: Any) -> EarlyStopping:
+    """Stop when the validation Dice has not improved for ``patience`` validation runs."""
+    return EarlyStopping(monitor="val/dice", mode="max", patience=patience, **kwargs)
+
+
+def _make_loss(name: str, include_background: bool) -> torch.nn.Module:
+    from monai.losses import DiceCELoss, DiceFocalLoss
+
+    if name == "dicece":
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=include_background)
+    if name == "dicefocal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, include_background=include_background)
+    raise ValueError(f"unknown loss {name!r}; choose 'dicece' or 'dicefocal'")
+
+
+def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, H, W) class indices → (B, C, H, W) one-hot, the layout MONAI's metrics want."""
+    return F.one_hot(labels.long(), n_classes).permute(0, 3, 1, 2)
+
+
+class SegModule(pl.LightningModule):
+    """Trains a :class:`SegModel`.
+
+    Args:
+        model: a built ``SegModel`` or its keyword arguments (a checkpoint stores the latter and rebuilds).
+        loss: ``"dicece"`` or ``"dicefocal"``.
+        include_background: whether the Dice (and focal) term counts the background class. Default
+            ``False``, as nnU-Net does with softmax: background dominates tiles and would swamp the Dice term;
+            the cross-entropy term always covers every class.
+        lr, weight_decay: AdamW (no decay on biases and norm weights).
+        max_epochs: length of the cosine learning-rate schedule; ``None`` = the Trainer's ``max_epochs``
+            (no schedule if that is unbounded).
+        bf16: bfloat16 autocast in ``forward`` when running on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: SegModel | dict[str, Any],
+        loss: Literal["dicece", "dicefocal"] = "dicece",
+        include_background: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int | None = None,
+        bf16: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, SegModel):
+            self.model = model
+        else:
+            self.model = SegModel(**dict(model))
+        self.save_hyperparameters(
+            {
+                "model": dict(self.model.config),
+                "loss": loss,
+                "include_background": include_background,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "max_epochs": max_epochs,
+                "bf16": bf16,
+            }
+        )
+        self.loss_fn = _make_loss(loss, include_background)
+        self.lr, self.weight_decay, self.max_epochs, self.bf16 = lr, weight_decay, max_epochs, bf16
+        from monai.metrics import DiceMetric, MeanIoU
+
+        self.dice = DiceMetric(include_background=False, reduction="mean")
+        self.iou = MeanIoU(include_background=False, reduction="mean")
+        self._val_batches = 0
+
+    @property
+    def n_classes(self) -> int:
+        return self.model.n_classes
+
+    # --- forward and loss -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → float32 logits (bf16 autocast inside on CUDA, see the module docstring)."""
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and x.is_cuda else contextlib.nullcontext()
+        with ctx:
+            logits = self.model(x)
+        return logits.float()
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a batch; used by the training and validation steps."""
+        logits = self(batch["image"])
+        return self.loss_fn(logits, batch["mask"].long()[:, None]), logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    # --- validation -----------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, logits = self.compute_loss(batch)
+        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0])
+        pred = one_hot(logits.argmax(dim=1), self.n_classes)
+        target = one_hot(batch["mask"], self.n_classes)
+        self.dice(y_pred=pred, y=target)
+        self.iou(y_pred=pred, y=target)
+        self._val_batches += 1
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_batches:
+            # classes absent from both prediction and truth are NaN and skipped; all-NaN (no foreground in the
+            # whole validation set) is logged as 0 so early stopping does not abort on a non-finite value
+            dice = torch.nan_to_num(self.dice.aggregate().float(), nan=0.0)
+            iou = torch.nan_to_num(self.iou.aggregate().float(), nan=0.0)
+            self.log("val/dice", dice, prog_bar=True)
+            self.log("val/iou", iou)
+        self.dice.reset()
+        self.iou.reset()
+        self._val_batches = 0
+
+    # --- prediction -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_tiles(self, batch: dict[str, Any] | torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (B, C, H, W), float32, in eval mode (the previous mode is restored)."""
+        x = batch["image"] if isinstance(batch, dict) else batch
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.softmax(self(x.to(self.device)), dim=1)
+        finally:
+            self.train(was_training)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Probabilities plus the batch's stitching keys (``index``, ``y``, ``x``) when present."""
+        out: dict[str, Any] = {"probs": self.predict_tiles(batch)}
+        out.update({k: batch[k] for k in ("index", "y", "x") if k in batch})
+        return out
+
+    # --- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """AdamW over the trainable parameters only (adapter + decoder), cosine-annealed per epoch."""
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, self.weight_decay), (no_decay, 0.0)) if ps]
+        opt = torch.optim.AdamW(groups, lr=self.lr)
+        epochs = self.max_epochs
+        if epochs is None and self._trainer is not None:
+            epochs = self.trainer.max_epochs
+        if not epochs or epochs < 0:
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr * 1e-2)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # --- small checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained tensors; the frozen encoder is rebuilt from the hyperparameters."""
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
+        checkpoint[TRAINABLE_ONLY] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Load the trained tensors into this freshly built model, then hand Lightning the complete state dict
+        so its strict ``load_state_dict`` that follows is a no-op instead of a missing-keys error."""
+        if not checkpoint.get(TRAINABLE_ONLY):
+            return
+        sd = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        self.model.load_trainable_state_dict(sd)
+        checkpoint["state_dict"] = self.state_dict()
