@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = seg.add_parser("fit", help="train one model (LightningCLI: model/data/trainer sections in the YAML)")
     p.add_argument("--config", type=Path, required=True, help="configs/seg/<name>.yaml")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="more LightningCLI arguments, e.g. --trainer.max_epochs 5")
+    p.set_defaults(rest=[])  # any further --section.key value pairs go to LightningCLI, e.g. --trainer.max_epochs 5
     p.set_defaults(func=cmd_seg_fit)
     p = seg.add_parser("predict", help="full-size masks and overlays for images, from a checkpoint")
     p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of seg fit (adapter + decoder only)")
@@ -482,7 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pathopeft`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "func", None) is not cmd_seg_fit:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
