@@ -45,6 +45,7 @@ from torch import nn
 
 from pathopeft import adapters
 from pathopeft.adapters.core import AdapterConfig, Delta
+from pathopeft.memory import peak_mib, start_peak
 
 # --- a sparse-tuning baseline for SNELLA's memory claim ---------------------------------------------------------
 
@@ -150,14 +151,6 @@ def timed(fn, device: str) -> float:
 MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 def measure_memory(args: argparse.Namespace, method: str | None, kwargs: dict) -> float:
     """Peak extra MiB over the model at rest during ``args.mem_steps`` train steps (run in a fresh process).
 
@@ -174,12 +167,10 @@ def measure_memory(args: argparse.Namespace, method: str | None, kwargs: dict) -
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _rss_kib("VmRSS")  # the model at rest, before any step: optimizer state counts as the method's
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    before = start_peak()  # the model at rest, before any step: optimizer state counts as the method's
     for _ in range(args.mem_steps):
         step()
-    return (_rss_kib("VmHWM") - before) / 1024
+    return peak_mib(before)
 
 
 def memory_in_subprocess(args: argparse.Namespace, label: str, method: str | None, kwargs: dict) -> float:

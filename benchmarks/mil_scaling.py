@@ -38,17 +38,10 @@ from collections.abc import Sequence
 
 import torch
 
+from pathopeft.memory import peak_mib, start_peak
 from pathopeft.mil.models import create_mil_model
 
 MODELS = ("abmil", "transmil", "gdat")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
 
 
 def _sync(device: str) -> None:
@@ -96,11 +89,9 @@ def run_one(name: str, n: int, args: argparse.Namespace) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        before = _rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
+        before = start_peak()
         first = timed()
-        peak = (_rss_kib("VmHWM") - before) / 1024
+        peak = peak_mib(before)
     times = [first]
     slow = max(warm, first) > args.max_pass_s
     if not slow:

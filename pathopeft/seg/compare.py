@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from pathopeft.memory import peak_mib, start_peak
 from pathopeft.seg.data import SegDataModule, SegDataset, stitch
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule
@@ -76,26 +77,6 @@ def build_model(cfg: CompareConfig, method: str, seed: int) -> SegModel:
     )  # fmt: skip
 
 
-def _reset_peak() -> int:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return -1
-    return _status_kib("VmRSS")
-
-
-def _status_kib(field_name: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
 @torch.no_grad()
 def predict_full(model: SegModel, ds: SegDataset, batch: int, device: str = "cpu") -> dict[int, torch.Tensor]:
     """Softmax probabilities per image (C, H, W), stitched from the dataset's eval tiles."""
@@ -137,11 +118,11 @@ def fit_one(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataMo
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
-    rss0 = _reset_peak()
+    rss0 = start_peak()
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     seconds = time.perf_counter() - t0
-    peak = (_status_kib("VmHWM") - rss0) / 1024 if rss0 > 0 else float("nan")
+    peak = peak_mib(rss0)
     if torch.cuda.is_available() and cfg.accelerator != "cpu":
         peak = torch.cuda.max_memory_allocated() / 2**20
     return {
