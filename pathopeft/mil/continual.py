@@ -291,24 +291,6 @@ class ContinualRunner:
             m[i, : len(row)] = row
         return m
 
-    def _export_tile_scores(self, net: torch.nn.Module, final: list[int] | None) -> None:
-        """``tile_scores.h5``: per test slide, level-0 coords and the final model's tile scores (heatmaps,
-        localization metrics elsewhere) and the tile ground truth when known."""
-        cfg = self.cfg
-        rows = []
-        for j, task in enumerate(cfg.tasks):
-            if self._is_adapted(net):
-                set_active_tasks(net, self._active_tasks(j))
-            for rec in self._bags(task, "test"):
-                bag = load_bag(rec.path)
-                pred = predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign))
-                s = self._tile_scores(pred)
-                labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
-                rows.append((rec.slide_id, bag["coords"].numpy(), s.numpy(), labels))
-            if self._is_adapted(net):
-                set_active_tasks(net, None)
-        _write_scores(self.root / "tile_scores.h5", rows)
-
     def _report(self, net: torch.nn.Module, state: dict[str, Any]) -> None:
         cfg = self.cfg
         report = metrics.ContinualReport(task_names=list(cfg.tasks))
@@ -319,28 +301,36 @@ class ContinualRunner:
         report.to_csv(self.root / "results.csv")
         (self.root / "results.md").write_text(report.to_markdown() + "\n")
         report.plot_matrix(self.root / f"R_{cfg.strategy}.png", cfg.strategy)
+        self._score_test_bags(net)
+
+    def _score_test_bags(self, net: torch.nn.Module) -> None:
+        """One pass of the final model over every test bag: ``tile_scores.h5`` (level-0 coords, tile scores,
+        tile ground truth when known) and heatmaps of the first ``heatmaps`` positive bags of each task."""
+        cfg = self.cfg
         heat = self.root / "heatmaps"
         heat.mkdir(exist_ok=True)
         final = cfg.allowed(len(cfg.tasks) - 1) if cfg.setting == "class" else None
-        self._export_tile_scores(net, final)
+        rows = []
         for j, task in enumerate(cfg.tasks):
-            positives = [r for r in self._bags(task, "test") if r.label != cfg.benign][: cfg.heatmaps]
-            for rec in positives:
+            if self._is_adapted(net):
+                set_active_tasks(net, self._active_tasks(j))
+            plotted = 0
+            for rec in self._bags(task, "test"):
                 bag = load_bag(rec.path)
-                bag["label"] = cfg.cls(rec.label)
-                if self._is_adapted(net):
-                    set_active_tasks(net, self._active_tasks(j))
-                pred = predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign))
-                if self._is_adapted(net):
-                    set_active_tasks(net, None)
-                scores = self._tile_scores(pred)
-                thumb, ds = _thumbnail(rec, bag)
-                metrics.plot_instance_heatmap(
-                    bag["coords"].numpy(), scores.numpy(), bag["tile_size_l0"], heat / f"{rec.slide_id}.png",
-                    thumbnail=thumb, thumbnail_downsample=ds,
-                    labels=None if bag["instance_labels"] is None else bag["instance_labels"].numpy(),
-                    title=f"{cfg.strategy}: {rec.slide_id} ({rec.label})",
-                )  # fmt: skip
+                scores = self._tile_scores(predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign)))
+                labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
+                rows.append((rec.slide_id, bag["coords"].numpy(), scores.numpy(), labels))
+                if rec.label != cfg.benign and plotted < cfg.heatmaps:
+                    plotted += 1
+                    thumb, ds = _thumbnail(rec, bag)
+                    metrics.plot_instance_heatmap(
+                        bag["coords"].numpy(), scores.numpy(), bag["tile_size_l0"], heat / f"{rec.slide_id}.png",
+                        thumbnail=thumb, thumbnail_downsample=ds, labels=labels,
+                        title=f"{cfg.strategy}: {rec.slide_id} ({rec.label})",
+                    )  # fmt: skip
+            if self._is_adapted(net):
+                set_active_tasks(net, None)
+        _write_scores(self.root / "tile_scores.h5", rows)
 
 
 def _write_scores(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> None:
