@@ -10,9 +10,11 @@ over seeds, IoU, trainable parameters (count and %), peak memory and time per st
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,8 +133,59 @@ def fit_one(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataMo
     }  # fmt: skip
 
 
+#: Config fields that do not change what one (method, lr, seed) run computes, so a finished run is reusable.
+_NOT_PER_RUN = {"out_dir", "methods", "lrs", "seeds", "grid_images", "eval_batch", "method_kwargs"}
+
+
+def _run_signature(cfg: CompareConfig, method: str) -> dict[str, Any]:
+    sig = {k: v for k, v in asdict(cfg).items() if k not in _NOT_PER_RUN}
+    sig["method_kwargs"] = cfg.method_kwargs.get(method, {})
+    return sig
+
+
+def run_cached(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataModule, out: Path) -> dict[str, Any]:
+    """Train and score one (method, lr, seed), or reuse its record from an earlier, interrupted or smaller compare.
+
+    Every run is scored on validation (for the LR choice) and test (so extra seeds or a wider sweep later never
+    retrain what exists); the record is written atomically, with the first ``grid_images`` test masks.
+    """
+    key = f"{method}_lr{lr:g}_seed{seed}"
+    record, masks = out / "runs" / f"{key}.json", out / "runs" / f"{key}.masks.npz"
+    sig = _run_signature(cfg, method)
+    if record.is_file() and masks.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("signature") == sig:
+            with np.load(masks) as z:
+                saved["grid"] = {int(k): torch.from_numpy(z[k]) for k in z.files}
+            print(f"[compare] {key}: reused {record}", file=sys.stderr)
+            return saved
+        print(f"[compare] {key}: {record} was made with another configuration; retraining", file=sys.stderr)
+    run = fit_one(cfg, method, lr, seed, dm)
+    model = run.pop("model")
+    run["val_dice"], run["val_iou"], _ = score(model, dm.val_set, cfg)
+    run["test_dice"], run["test_iou"], probs = score(model, dm.test_set, cfg)
+    grid = {i: p.argmax(0).to(torch.uint8) for i, p in list(probs.items())[: cfg.grid_images]}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(masks.with_suffix(".tmp.npz"), "wb") as f:
+        np.savez_compressed(f, **{str(i): m.numpy() for i, m in grid.items()})
+    os.replace(masks.with_suffix(".tmp.npz"), masks)
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**run, "signature": sig}, indent=1))
+    os.replace(tmp, record)
+    print(
+        f"[compare] {key}: val Dice {run['val_dice']:.4f}, test Dice {run['test_dice']:.4f}, "
+        f"{run['s_per_step']:.2f} s/step",
+        file=sys.stderr,
+    )
+    return {**run, "grid": grid}
+
+
 def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
-    """The sweep and the seeds for every method; writes report.md, results.csv and grid.png in ``out_dir``."""
+    """The sweep and the seeds for every method; writes report.md, results.csv and grid.png in ``out_dir``.
+
+    Finished runs are kept under ``out_dir/runs``: a rerun after an interruption, or with more seeds, methods or
+    learning rates, trains only what is missing.
+    """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dm = SegDataModule(
@@ -144,26 +197,18 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     dm.setup("test")
     rows, grids = [], {}
     for method in cfg.methods:
-        sweep = []
-        for lr in cfg.lrs:
-            run = fit_one(cfg, method, lr, cfg.seeds[0], dm)
-            run["val_dice"], _, _ = score(run["model"], dm.val_set, cfg)
-            sweep.append(run)
+        sweep = [run_cached(cfg, method, lr, cfg.seeds[0], dm, out) for lr in cfg.lrs]
         best = max(sweep, key=lambda r: r["val_dice"])
-        runs = [best] + [fit_one(cfg, method, best["lr"], s, dm) for s in cfg.seeds[1:]]
-        dices, ious = [], []
-        for r in runs:
-            d, j, probs = score(r["model"], dm.test_set, cfg)
-            dices.append(d)
-            ious.append(j)
-            if r is best:
-                grids[method] = {i: p.argmax(0) for i, p in list(probs.items())[: cfg.grid_images]}
+        runs = [best] + [run_cached(cfg, method, best["lr"], s, dm, out) for s in cfg.seeds[1:]]
+        grids[method] = best["grid"]
+        dices, ious = [r["test_dice"] for r in runs], [r["test_iou"] for r in runs]
         rows.append({
             "method": method, "best_lr": best["lr"], "sweep": {r["lr"]: round(r["val_dice"], 4) for r in sweep},
             "dice_mean": statistics.mean(dices), "dice_std": statistics.stdev(dices) if len(dices) > 1 else 0.0,
             "iou_mean": statistics.mean(ious), "trainable": best["trainable"],
             "trainable_pct": 100 * best["trainable"] / best["total"], "peak_mib": best["peak_mib"],
             "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "n_seeds": len(runs),
+            "test_dice_per_seed": {r["seed"]: round(r["test_dice"], 4) for r in runs},
         })  # fmt: skip
         write_report(cfg, rows, out)
     if grids:
@@ -199,10 +244,7 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
         w.writeheader()
         w.writerows(rows)
     os.replace(out / "results.csv.tmp", out / "results.csv")
-    with (out / "config.json").open("w") as f:
-        import json
-
-        json.dump(asdict(cfg), f, indent=2)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 
 def picture_grid(ds: SegDataset, grids: dict[str, dict[int, torch.Tensor]], path: Path) -> None:

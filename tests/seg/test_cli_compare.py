@@ -64,6 +64,33 @@ def test_compare_writes_a_report(glas_manifest, tmp_path):
     assert "| lora |" in report
     assert "RANDOM INIT" in report
     assert (tmp_path / "cmp" / "grid.png").stat().st_size > 5_000
+    assert len(list((tmp_path / "cmp" / "runs").glob("*.json"))) == 2 + 2 + 2  # 2 LRs + 1 extra seed per method
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_compare_resumes_and_only_trains_what_is_missing(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.seg import compare
+
+    cfg = CompareConfig(
+        manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4,
+        methods=["lora"], rank=2, lrs=[1e-3, 1e-2], seeds=[0], max_steps=2, val_fraction=0.25, grid_images=1,
+    )  # fmt: skip
+    first = run_compare(cfg)
+    trained = []
+    real_fit = compare.fit_one
+    monkeypatch.setattr(
+        compare, "fit_one", lambda c, m, lr, s, dm: trained.append((m, lr, s)) or real_fit(c, m, lr, s, dm)
+    )
+    assert run_compare(cfg)[0]["dice_mean"] == first[0]["dice_mean"]  # everything reused
+    assert trained == []
+    cfg.seeds = [0, 1]
+    assert run_compare(cfg)[0]["n_seeds"] == 2
+    assert trained == [("lora", first[0]["best_lr"], 1)]  # only the new seed, at the chosen LR
+    cfg.max_steps = 3  # a different run: old records are not reused
+    run_compare(cfg)
+    assert len(trained) == 1 + 3
 
 
 @pytest.mark.parametrize("cfg", sorted((REPO / "configs" / "seg").glob("compare_*.yaml")), ids=lambda p: p.name)
