@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from pathopeft.memory import peak_mib, start_peak
-from pathopeft.seg.data import SegDataModule, SegDataset, stitch
+from pathopeft.seg.data import SegDataModule, SegDataset
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule
+from pathopeft.seg.predict import predict_image
 
 
 @dataclass
@@ -79,19 +80,10 @@ def build_model(cfg: CompareConfig, method: str, seed: int) -> SegModel:
     )  # fmt: skip
 
 
-@torch.no_grad()
 def predict_full(model: SegModel, ds: SegDataset, batch: int, device: str = "cpu") -> dict[int, torch.Tensor]:
-    """Softmax probabilities per image (C, H, W), stitched from the dataset's eval tiles."""
+    """Softmax probabilities (C, H, W) per image of ``ds``, tiled on the dataset's eval grid and stitched."""
     model.eval().to(device)
-    per_image: dict[int, list] = {}
-    items = [ds[i] for i in range(len(ds))]
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        x = torch.stack([it["image"] for it in chunk]).to(device)
-        probs = torch.softmax(model(x).float(), dim=1).cpu()
-        for it, p in zip(chunk, probs, strict=True):
-            per_image.setdefault(int(it["index"]), []).append((p, int(it["y"]), int(it["x"])))
-    return {i: stitch(tiles, ds.image_size(i)) for i, tiles in per_image.items()}
+    return {i: predict_image(model, ds.load(i)[0], ds.crop, ds.stride, batch) for i in range(len(ds.records))}
 
 
 def dice_iou(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> tuple[float, float]:
