@@ -218,15 +218,19 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
             f"{platform.machine()}, torch {torch.__version__}, {cfg.accelerator}."
         ),
         "",
-        "| method | best LR | val Dice per LR | test Dice (mean ± std) | test IoU | trainable | % | peak MiB | s/step |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| method | best LR | val Dice per LR | test Dice (mean ± std) | per seed | test IoU | trainable | % "
+            "| peak MiB | s/step | train min/run |"
+        ),
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         sweep = ", ".join(f"{lr:g}: {d:.3f}" for lr, d in r["sweep"].items())
+        per_seed = ", ".join(f"{d:.3f}" for d in r["test_dice_per_seed"].values())
         lines.append(
             f"| {r['method']} | {r['best_lr']:g} | {sweep} | {r['dice_mean']:.4f} ± {r['dice_std']:.4f} | "
-            f"{r['iou_mean']:.4f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['peak_mib']:.0f} | "
-            f"{r['s_per_step']:.2f} |"
+            f"{per_seed} | {r['iou_mean']:.4f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
+            f"{r['peak_mib']:.0f} | {r['s_per_step']:.2f} | {r['s_per_step'] * cfg.max_steps / 60:.1f} |"
         )
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
