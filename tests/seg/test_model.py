@@ -406,3 +406,22 @@ def test_overfit_synthetic_discs(tmp_path: Path) -> None:
     dice = DiceMetric(include_background=False)
     dice(one_hot(pred, N_CLASSES), one_hot(batch["mask"], N_CLASSES))
     assert dice.aggregate().item() > 0.9, (trainer.global_step, trainer.callback_metrics)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapter", MODES)
+def test_bf16_training_step_on_gpu(adapter: str | None) -> None:
+    """On CUDA the module autocasts to bf16: float32 logits, finite loss, finite gradients on every trainable."""
+    module = SegModule(build("vit", adapter)).cuda().train()
+    batch = {k: v.cuda() for k, v in batch_for("vit").items()}
+    inner: list[torch.dtype] = []
+    first_linear = next(m for m in module.model.modules() if isinstance(m, nn.Linear))
+    first_linear.register_forward_hook(lambda _m, _i, out: inner.append(out.dtype))
+    loss, logits = module.compute_loss(batch)
+    assert inner and inner[0] == torch.bfloat16  # autocast really ran inside
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert grads
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
