@@ -2,11 +2,16 @@
 
 ``torch.cuda.max_memory_allocated`` has no CPU twin, so we use the kernel's high-water mark: writing ``5`` to
 ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS, and ``VmHWM`` after the section minus the RSS
-before it is the section's peak extra memory. Elsewhere (no procfs) the functions return -1 / NaN.
+before it is the section's peak extra memory. Memory the process freed earlier but glibc still holds would be
+reused without raising RSS (a second run in the same process would read near zero), so :func:`start_peak`
+first hands free heap pages back to the OS with ``malloc_trim``. Elsewhere (no procfs) the functions return
+-1 / NaN.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 
 
@@ -22,8 +27,18 @@ def rss_kib(field: str = "VmRSS") -> int:
     return -1
 
 
+def _release_free_heap() -> None:
+    """glibc's ``malloc_trim(0)``: return freed heap pages to the OS (no-op on other C libraries)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def start_peak() -> int:
     """Reset the high-water mark; returns the current RSS (KiB) to pass to :func:`peak_mib`, or -1."""
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
