@@ -16,7 +16,6 @@ def test_peak_sees_a_temporary_allocation():
     assert rss_kib("VmHWM") >= rss_kib("VmRSS")
 
 
-
 def test_peak_of_a_second_section_is_not_hidden_by_freed_heap():
     """Memory freed by an earlier section but kept by malloc must not make the next section read ~0."""
     pins = []
