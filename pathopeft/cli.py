@@ -491,7 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(args.func(args) or 0)
+    from pathopeft.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:  # bad input: one line naming the file and the problem, never a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

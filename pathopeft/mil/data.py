@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pathopeft.errors import UserError
+
 REQUIRED = ("slide_id", "path", "label", "task", "split")
 
 
-class BagManifestError(ValueError):
+class BagManifestError(UserError, ValueError):
     """A manifest that cannot be used: the message names the file and line."""
 
 

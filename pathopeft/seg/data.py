@@ -45,6 +45,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pathopeft.errors import UserError
+
 MaskMode = Literal["binary", "index"]
 Strength = Literal["default", "light", "none"]
 
@@ -56,7 +58,7 @@ _TIFF = (".tif", ".tiff")
 _REFLECT = cv2.BORDER_REFLECT_101
 
 
-class SegDataError(ValueError):
+class SegDataError(UserError, ValueError):
     """Segmentation data that cannot be used; the message names the file (and manifest line) at fault."""
 
 

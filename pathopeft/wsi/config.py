@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pathopeft.errors import UserError
 from pathopeft.wsi.resolution import mag_to_mpp
 
 
@@ -128,7 +129,7 @@ class SlideEntry:
     task: str | None = None
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest is malformed; the message names the file, the row and the problem."""
 
 

@@ -17,10 +17,11 @@ import numpy as np
 from PIL import Image
 from typing_extensions import Self
 
+from pathopeft.errors import UserError
 from pathopeft.wsi.resolution import MppInfo, resolve_mpp
 
 
-class SlideError(RuntimeError):
+class SlideError(UserError, RuntimeError):
     """A slide could not be opened or read; the message always names the file."""
 
 
