@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pathopeft.io import atomic_write_text
 from pathopeft.wsi import h5io
 
 log = logging.getLogger(__name__)
@@ -662,10 +663,10 @@ def build_bags(
             for s, ts in splits.items()
         },
     }
-    h5io.atomic_write_text(out_dir / "bags.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "bags.json", json.dumps(summary, indent=2) + "\n")
     manifest = out_dir / "bags.csv"
     lines = [",".join(MANIFEST_COLUMNS)] + [",".join(r[c] for c in MANIFEST_COLUMNS) for r in rows]
-    h5io.atomic_write_text(manifest, "\n".join(lines) + "\n")
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
 
 

@@ -10,14 +10,12 @@ Guarantees:
 * **Sharding** — ``shard=(i, n)`` takes every n-th slide (job arrays); the distributed launcher composes its
   rank with it.
 
-Output layout under ``out_dir``::
+* **Sharing** — several jobs on one ``out_dir`` (job arrays, a second terminal) claim slides one at a time
+  (:mod:`pathopeft.wsi.claims`), so no slide is computed twice and nobody deletes another job's temporaries.
+* **Disk full** — ENOSPC ends the batch with :class:`~pathopeft.errors.DiskFullError` naming the file; the
+  slide in progress leaves nothing behind and a rerun after freeing space finishes the rest.
 
-    patches/<slide_id>.h5        coords (CLAM/TRIDENT)
-    features_<backbone>/<slide_id>.h5
-    tissue/<slide_id>.geojson    QuPath-importable contours
-    qc/<slide_id>.png            thumbnail, contours and tile grid
-    status/<slide_id>.json       done | skipped | failed, reason, timings
-    summary.md, failures.csv     rebuilt from all status records at the end
+Layout and the guard against mixing parameter sets in one folder: :mod:`pathopeft.wsi.outputs`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +32,13 @@ from tqdm.auto import tqdm
 
 from pathopeft import __version__
 from pathopeft.backbones import Backbone, apply_adapter, create_backbone
-from pathopeft.wsi import h5io
+from pathopeft.errors import DiskFullError
+from pathopeft.io import atomic_write_json, clean_stale_temporaries, is_disk_full
+from pathopeft.wsi import claims, h5io
 from pathopeft.wsi.config import BatchConfig, SlideEntry
 from pathopeft.wsi.extract import extract_features
+from pathopeft.wsi.outputs import OutputPaths, features_dirname, guard_parameters, job_hashes
+from pathopeft.wsi.resolution import mpp_problem
 from pathopeft.wsi.slide import open_slide
 from pathopeft.wsi.tiling import tile_grid
 from pathopeft.wsi.tissue import create_detector, detect_tissue
@@ -45,61 +46,6 @@ from pathopeft.wsi.tissue import create_detector, detect_tissue
 log = logging.getLogger(__name__)
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    """Where one slide's outputs go."""
-
-    root: Path
-    slide_id: str
-    features_dir: str | None
-
-    @property
-    def patches(self) -> Path:
-        return self.root / "patches" / f"{self.slide_id}.h5"
-
-    @property
-    def features(self) -> Path | None:
-        return self.root / self.features_dir / f"{self.slide_id}.h5" if self.features_dir else None
-
-    @property
-    def geojson(self) -> Path:
-        return self.root / "tissue" / f"{self.slide_id}.geojson"
-
-    @property
-    def qc(self) -> Path:
-        return self.root / "qc" / f"{self.slide_id}.png"
-
-    @property
-    def status(self) -> Path:
-        return self.root / "status" / f"{self.slide_id}.json"
-
-
-def features_dirname(backbone: str | None) -> str | None:
-    return f"features_{backbone}" if backbone else None
-
-
-def tiling_params(cfg: BatchConfig) -> dict[str, Any]:
-    """Everything that changes the coords (the patches file's resume key)."""
-    t = cfg.tiling
-    detector = create_detector(t.tissue, **t.tissue_params)
-    return {
-        "target_mpp": t.target_mpp,
-        "tile_px": t.tile_px,
-        "overlap_px": t.overlap_px,
-        "min_tissue_fraction": t.min_tissue_fraction,
-        "tissue": detector.name,
-        "tissue_params": detector.params(),
-    }
-
-
-def job_hashes(cfg: BatchConfig) -> tuple[str, str | None]:
-    """(patches hash, features hash or None when no backbone is set)."""
-    tp = tiling_params(cfg)
-    patches = h5io.params_hash(tp)
-    features = h5io.params_hash({"tiling": tp, "extract": cfg.extract.identity()}) if cfg.extract.backbone else None
-    return patches, features
 
 
 def read_status(path: Path) -> dict[str, Any] | None:
@@ -119,14 +65,6 @@ def is_done(paths: OutputPaths, patches_hash: str, features_hash: str | None) ->
     return features_hash is None or h5io.read_hash(paths.features) == features_hash
 
 
-def _clean_stale_temporaries(root: Path) -> None:
-    """Remove temporary files left by a killed run (they were never renamed into place)."""
-    for sub in root.iterdir() if root.exists() else ():
-        if sub.is_dir():
-            for tmp in sub.glob(".*.tmp*"):
-                tmp.unlink(missing_ok=True)
-
-
 def process_slide(
     entry: SlideEntry,
     cfg: BatchConfig,
@@ -143,8 +81,11 @@ def process_slide(
     with open_slide(entry.path, mpp=entry.mpp) as slide:
         info = slide.mpp_info
         record.update(backend=slide.backend, level0_mpp=info.mpp, mpp_source=info.source, dimensions=slide.dimensions)
-        if info.mpp is None:
-            record.update(status=SKIPPED, reason="no mpp")
+        if info.rejected:
+            record["mpp_rejected"] = info.rejected
+        problem = mpp_problem(info, t.target_mpp)
+        if problem:
+            record.update(status=SKIPPED, reason=problem)
             return record
         detector = create_detector(t.tissue, **t.tissue_params)
         tissue = detect_tissue(slide, detector)
@@ -211,6 +152,28 @@ def load_backbone(cfg: BatchConfig) -> Backbone | None:
     return bb
 
 
+def tile_size_warnings(cfg: BatchConfig, backbone: Backbone | None) -> list[str]:
+    """Settings that are legal but almost certainly not meant (logged at the start of the batch)."""
+    px = cfg.tiling.tile_px
+    out = []
+    if backbone is not None and not 0.5 <= px / backbone.input_size <= 2.0:
+        out.append(
+            f"tile_px {px} is far from {backbone.name}'s input size {backbone.input_size}: every tile is resized "
+            f"{backbone.input_size / px:.2g}× before the encoder; use --tile-px {backbone.input_size} unless meant"
+        )
+    elif backbone is None and px < 32:
+        out.append(f"tile_px {px} gives tiles of {px * cfg.tiling.target_mpp:g} µm: far smaller than a cell")
+    return out
+
+
+def _disk_full(e: BaseException, entry: SlideEntry, finished: int, left: int) -> DiskFullError:
+    first = str(e) if isinstance(e, DiskFullError) else f"disk full ({e})"
+    return DiskFullError(
+        f"{first} while processing slide {entry.slide_id}; the {finished} slides finished in this run are intact, "
+        f"{left} left: free space and rerun the same command to finish"
+    )
+
+
 def run_batch(entries: list[SlideEntry], cfg: BatchConfig, backbone: Backbone | None = None) -> list[dict[str, Any]]:
     """Process this shard's slides and rebuild the batch summary; returns this run's status records.
 
@@ -218,47 +181,59 @@ def run_batch(entries: list[SlideEntry], cfg: BatchConfig, backbone: Backbone | 
         entries: manifest rows (see :func:`pathopeft.wsi.config.read_manifest`).
         cfg: the job settings.
         backbone: a prebuilt backbone (otherwise built from ``cfg.extract``; ``None`` there = tiling only).
+
+    Raises:
+        OutputConflictError: ``out_dir`` holds results of other parameters (and ``cfg.overwrite`` is off).
+        DiskFullError: the disk filled up; every slide finished before is intact.
     """
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(root)
-    h5io.atomic_write_text(
-        root / "config.json", json.dumps({**cfg.to_dict(), "pathopeft_version": __version__}, indent=2, default=str)
-    )
+    guard_parameters(root, cfg, overwrite=cfg.overwrite)
+    clean_stale_temporaries(root)  # only those whose writer is gone: a concurrent job keeps its own
     hashes = job_hashes(cfg)
+    fdir = features_dirname(cfg.extract.backbone)
     mine = shard_entries(entries, cfg.shard)
-    todo = [
-        e for e in mine if not is_done(OutputPaths(root, e.slide_id, features_dirname(cfg.extract.backbone)), *hashes)
-    ]
-    log.info(
-        "%d slides in shard %d/%d, %d already done, %d to process",
-        len(mine),
-        *cfg.shard,
-        len(mine) - len(todo),
-        len(todo),
-    )
+    todo = [e for e in mine if not is_done(OutputPaths(root, e.slide_id, fdir), *hashes)]
+    log.info("%d slides in shard %d/%d, %d already done, %d to process", len(mine), *cfg.shard,
+             len(mine) - len(todo), len(todo))  # fmt: skip
     if todo and backbone is None and cfg.extract.backbone:
         backbone = load_backbone(cfg)
-    records = []
+    warnings = tile_size_warnings(cfg, backbone)
+    for w in warnings:
+        log.warning("%s", w)
+    atomic_write_json(root / "config.json", {**cfg.to_dict(), "warnings": warnings, "pathopeft_version": __version__},
+                      indent=2)  # fmt: skip
+    records: list[dict[str, Any]] = []
     slides_bar = tqdm(todo, desc="slides", unit="slide", disable=not cfg.progress, position=0)
     tiles_bar = tqdm(desc="tiles", unit="tile", disable=not cfg.progress or backbone is None, position=1, leave=False)
-    for entry in slides_bar:
+    for k, entry in enumerate(slides_bar):
         slides_bar.set_postfix_str(entry.slide_id)
-        started = time.time()
+        if not claims.try_claim(root, entry.slide_id):
+            log.info("%s: being processed by %s; left to it", entry.slide_id, claims.holder(root, entry.slide_id))
+            continue
         try:
-            record = process_slide(entry, cfg, backbone, hashes, progress=tiles_bar)
-        except Exception as e:  # noqa: BLE001 - one bad slide must never stop the batch
-            log.warning("%s failed: %s: %s", entry.slide_id, type(e).__name__, e)
-            record = {"slide_id": entry.slide_id, "path": str(entry.path), "status": FAILED,
-                      "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}  # fmt: skip
-        record.update(
-            params_hash=hashes[1] or hashes[0], started_at=started, finished_at=time.time(),
-            shard=list(cfg.shard), host=os.uname().nodename, pid=os.getpid(), pathopeft_version=__version__,
-        )  # fmt: skip
-        h5io.atomic_write_text(
-            OutputPaths(root, entry.slide_id, None).status, json.dumps(record, indent=1, default=str)
-        )
-        records.append(record)
+            if is_done(OutputPaths(root, entry.slide_id, fdir), *hashes):  # another job finished it meanwhile
+                continue
+            started = time.time()
+            try:
+                record = process_slide(entry, cfg, backbone, hashes, progress=tiles_bar)
+            except Exception as e:  # noqa: BLE001 - one bad slide must never stop the batch
+                if is_disk_full(e):
+                    raise _disk_full(e, entry, len(records), len(todo) - k) from None
+                log.warning("%s failed: %s: %s", entry.slide_id, type(e).__name__, e)
+                record = {"slide_id": entry.slide_id, "path": str(entry.path), "status": FAILED,
+                          "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}  # fmt: skip
+            record.update(
+                params_hash=hashes[1] or hashes[0], started_at=started, finished_at=time.time(),
+                shard=list(cfg.shard), host=os.uname().nodename, pid=os.getpid(), pathopeft_version=__version__,
+            )  # fmt: skip
+            try:
+                atomic_write_json(OutputPaths(root, entry.slide_id, None).status, record)
+            except DiskFullError as e:
+                raise _disk_full(e, entry, len(records), len(todo) - k) from None
+            records.append(record)
+        finally:
+            claims.release(root, entry.slide_id)
     tiles_bar.close()
     from pathopeft.wsi.qc import write_summary
 

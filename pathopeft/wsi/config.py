@@ -71,8 +71,9 @@ class ExtractConfig:
         """What changes the features (resume key), as opposed to how fast they are computed."""
         weights_id = None
         if self.weights:
-            st = Path(self.weights).stat()
-            weights_id = [str(Path(self.weights).resolve()), st.st_size, int(st.st_mtime)]
+            w = Path(self.weights)
+            st = w.stat() if w.is_file() else None  # a missing file is reported when the encoder is built
+            weights_id = [str(w.resolve()), st.st_size if st else None, int(st.st_mtime) if st else None]
         return {
             "backbone": self.backbone,
             "weights": weights_id,
@@ -93,6 +94,7 @@ class BatchConfig:
     shard: tuple[int, int] = (0, 1)
     qc: bool = True
     progress: bool = True
+    overwrite: bool = False  # replace results of other parameters in out_dir instead of refusing
 
     def __post_init__(self) -> None:
         if isinstance(self.tiling, dict):

@@ -5,15 +5,21 @@ Layout (one file per slide):
 * patches file ``<slide_id>.h5``: dataset ``coords`` (N, 2) int64, level-0 top-left (x, y);
 * features file ``<slide_id>.h5``: datasets ``features`` (N, D) float32 and the same ``coords``.
 
-``coords`` carries the union of CLAM's and TRIDENT's attributes. CLAM reads ``patch_size`` pixels at
-``patch_level`` and shrinks by ``custom_downsample``; TRIDENT reads ``patch_size_level0`` level-0 pixels.
-When the target resolution is a pyramid level (the usual case) ``patch_size`` equals the tile size at the
-target; otherwise ``patch_size`` is the read size at ``patch_level`` (CLAM's meaning) and ``target_patch_size``
-holds the tile size at the target. Our own attributes: ``target_mpp``, ``level0_mpp``, the tissue detector
-and its parameters, ``params_hash`` (resume key) and ``pathopeft_version``.
+``coords`` carries the union of CLAM's and TRIDENT's attributes, chosen so both tools' readers fetch exactly
+the pixels pathopeft read. They share one name with two meanings: CLAM's ``Whole_Slide_Bag_FP`` reads
+``patch_size`` pixels at ``patch_level``; TRIDENT (``WSI.extract_patch_features``, seeing ``patch_size``,
+``level0_magnification`` and ``target_magnification``) reads ``patch_size × level0_mag / target_mag`` level-0
+pixels at the level matching that ratio and resizes them to ``patch_size``. So ``patch_size`` is the read size
+at ``patch_level`` and ``target_magnification`` is the magnification of the pixels read (level-0 magnification
+over the level's downsample): then both read the same region at the same level, and leave the last resize to
+the encoder's transform, as pathopeft does. When the target is a pyramid level (no resize) these are simply
+the tile size and the target magnification. The tile at the target is described by ``target_patch_size``,
+``target_mpp`` and ``patch_size_level0`` (the level-0 footprint TRIDENT's slide encoders use). Our own
+attributes: ``target_mpp``, ``level0_mpp``, the tissue detector and its parameters, ``params_hash`` (resume
+key) and ``pathopeft_version``.
 
-Files are written to a temporary name and renamed into place, so a killed job never leaves a file that
-looks finished.
+Files are built in memory and written through :mod:`pathopeft.io` (temporary name, atomic rename), so a
+killed job never leaves a file that looks finished and a full disk raises instead of crashing HDF5.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import h5py
 import numpy as np
 
 from pathopeft import __version__
+from pathopeft.io import atomic_h5
 from pathopeft.wsi.resolution import mpp_to_mag
 from pathopeft.wsi.tiling import TileGrid
 
@@ -37,18 +44,6 @@ def params_hash(params: Mapping[str, Any]) -> str:
     """Stable short hash of the parameters that determine a file's content (the resume key)."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def coords_attrs(grid: TileGrid, slide_id: str, level_dimensions: tuple[tuple[int, int], ...]) -> dict[str, Any]:
@@ -67,13 +62,15 @@ def coords_attrs(grid: TileGrid, slide_id: str, level_dimensions: tuple[tuple[in
         # TRIDENT
         "patch_size_level0": round(grid.tile_size_l0),
         "level0_magnification": float(mpp_to_mag(grid.level0_mpp)),
-        "target_magnification": float(mpp_to_mag(grid.target_mpp)),
+        # TRIDENT reads patch_size * level0_mag / target_mag level-0 px: the magnification of the pixels read
+        "target_magnification": float(mpp_to_mag(grid.level0_mpp * ds)),
         "overlap": int(grid.overlap_px),
         "level0_width": int(grid.level0_dimensions[0]),
         "level0_height": int(grid.level0_dimensions[1]),
         # pathopeft
         "target_patch_size": int(grid.tile_px),
         "target_mpp": float(grid.target_mpp),
+        "tile_magnification": float(mpp_to_mag(grid.target_mpp)),
         "level0_mpp": float(grid.level0_mpp),
     }
 
@@ -81,24 +78,17 @@ def coords_attrs(grid: TileGrid, slide_id: str, level_dimensions: tuple[tuple[in
 def _write(
     path: Path, datasets: Mapping[str, np.ndarray], coords_meta: Mapping[str, Any], root_meta: Mapping[str, Any]
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, data in datasets.items():
-                # chunked + resizable like CLAM's writer, so downstream tools can append
-                maxshape = (None, *data.shape[1:])
-                chunks = (max(1, min(len(data), 1024)), *data.shape[1:]) if len(data) else None
-                f.create_dataset(name, data=data, maxshape=maxshape, chunks=chunks)
-            for k, v in coords_meta.items():
-                f["coords"].attrs[k] = v
-            for k, v in root_meta.items():
-                f.attrs[k] = v
-            f.attrs["pathopeft_version"] = __version__
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_h5(path) as f:
+        for name, data in datasets.items():
+            # chunked + resizable like CLAM's writer, so downstream tools can append
+            maxshape = (None, *data.shape[1:])
+            chunks = (max(1, min(len(data), 1024)), *data.shape[1:]) if len(data) else None
+            f.create_dataset(name, data=data, maxshape=maxshape, chunks=chunks)
+        for k, v in coords_meta.items():
+            f["coords"].attrs[k] = v
+        for k, v in root_meta.items():
+            f.attrs[k] = v
+        f.attrs["pathopeft_version"] = __version__
 
 
 def write_patches(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pathopeft.io import atomic_write_bytes, atomic_write_text
 from pathopeft.wsi.tiling import TileGrid
 from pathopeft.wsi.tissue import TissueMask
 
@@ -47,13 +48,9 @@ def save_slide_qc(
     slide: Slide, tissue: TissueMask | None, grid: TileGrid | None, path: str | os.PathLike[str]
 ) -> None:
     """Write :func:`render_qc` as PNG atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     render_qc(slide, tissue, grid).save(buf, format="PNG")
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, p)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_records(root: Path, slide_ids: list[str] | None = None) -> list[dict[str, Any]]:
@@ -79,8 +76,6 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def write_summary(root: str | os.PathLike[str], slide_ids: list[str] | None = None) -> str:
     """Write ``summary.md`` and ``failures.csv`` from the status records; returns the Markdown."""
-    from pathopeft.wsi.h5io import atomic_write_text
-
     root = Path(root)
     records = load_records(root, slide_ids)
     counts: dict[str, int] = {}

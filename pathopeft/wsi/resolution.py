@@ -7,6 +7,7 @@ can be tested without a slide.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,12 +33,29 @@ def mpp_to_mag(mpp: float) -> float:
     return MICRONS_AT_1X / mpp
 
 
+#: Level-0 resolutions a microscope scan can have (µm/px). Outside this range the metadata is a default or a
+#: unit error (a 72-dpi TIFF tag reads as 352.8 µm/px), not a scan resolution.
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+#: The most a target may be finer than level 0: beyond this, tiles would be invented by upsampling.
+MAX_UPSAMPLE = 2.0
+
+
+def is_plausible_mpp(mpp: float) -> bool:
+    return PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
+
+
 @dataclass(frozen=True)
 class MppInfo:
-    """A slide's level-0 resolution and the metadata field it was read from (so reports can say why)."""
+    """A slide's level-0 resolution, the metadata field it was read from, and any value refused on the way.
+
+    ``rejected`` describes metadata that was present but implausible (``"352.78 µm/px from openslide.mpp-x"``):
+    when nothing else is found, ``mpp`` is None and the slide is skipped with that reason.
+    """
 
     mpp: float | None
     source: str  # "openslide.mpp-x" | "tiff.XResolution" | "objective-power" | "manifest" | "none"
+    rejected: str | None = None
 
 
 def _tiff_resolution_mpp(props: Mapping[str, str]) -> float | None:
@@ -54,39 +72,68 @@ def _tiff_resolution_mpp(props: Mapping[str, str]) -> float | None:
     if unit in ("centimeter", "3", "cm"):
         return 1e4 / value
     if unit in ("inch", "2"):
-        # Many plain TIFFs carry a default 72 dpi that is not a scan resolution; reject obviously bogus values.
-        mpp = 25400.0 / value
-        return mpp if mpp < 50 else None
+        return 25400.0 / value
     return None
+
+
+def _metadata_candidates(props: Mapping[str, str]) -> list[tuple[float, str]]:
+    """Every level-0 mpp the metadata offers, in order of trust."""
+    found = []
+    raw = props.get("openslide.mpp-x")
+    if raw:
+        with contextlib.suppress(ValueError):
+            found.append((float(raw), "openslide.mpp-x"))
+    mpp = _tiff_resolution_mpp(props)
+    if mpp is not None:
+        found.append((mpp, "tiff.XResolution"))
+    power = props.get("openslide.objective-power") or props.get("aperio.AppMag")
+    if power:
+        try:
+            if float(power) > 0:
+                found.append((mag_to_mpp(float(power)), "objective-power"))
+        except ValueError:
+            pass
+    return [(v, src) for v, src in found if v > 0 and math.isfinite(v)]
 
 
 def resolve_mpp(props: Mapping[str, str], manifest_mpp: float | None = None) -> MppInfo:
     """Find a slide's level-0 mpp from its metadata, in a fixed order of trust.
 
     Order: ``openslide.mpp-x``, TIFF resolution tags, objective power (10/mag), the manifest's ``mpp``
-    column. A value in the manifest never silently overrides metadata; it only fills a gap. When nothing is
-    found, ``MppInfo(None, "none")`` is returned and the caller must skip the slide rather than guess.
+    column. Values outside :data:`PLAUSIBLE_MPP` are refused (and named in ``rejected``). A plausible value in
+    the metadata is never silently overridden by the manifest; the manifest fills a gap or replaces an
+    implausible value. When nothing usable is found, ``mpp`` is None and the caller must skip the slide rather
+    than guess.
     """
-    raw = props.get("openslide.mpp-x")
-    if raw:
-        try:
-            mpp = float(raw)
-            if mpp > 0:
-                return MppInfo(mpp, "openslide.mpp-x")
-        except ValueError:
-            pass
-    mpp = _tiff_resolution_mpp(props)
-    if mpp is not None:
-        return MppInfo(mpp, "tiff.XResolution")
-    power = props.get("openslide.objective-power") or props.get("aperio.AppMag")
-    if power:
-        try:
-            return MppInfo(mag_to_mpp(float(power)), "objective-power")
-        except ValueError:
-            pass
+    rejected = []
+    for value, source in _metadata_candidates(props):
+        if is_plausible_mpp(value):
+            return MppInfo(value, source, "; ".join(rejected) or None)
+        rejected.append(f"{value:.4g} µm/px from {source}")
+    note = "; ".join(rejected) or None
     if manifest_mpp is not None and math.isfinite(manifest_mpp) and manifest_mpp > 0:
-        return MppInfo(float(manifest_mpp), "manifest")
-    return MppInfo(None, "none")
+        return MppInfo(float(manifest_mpp), "manifest", note)
+    return MppInfo(None, "none", note)
+
+
+def mpp_problem(info: MppInfo, target_mpp: float) -> str | None:
+    """Why a slide cannot be tiled at ``target_mpp`` (the skip reason), or None when it can."""
+    lo, hi = PLAUSIBLE_MPP
+    if info.mpp is None:
+        if info.rejected:
+            return (
+                f"implausible resolution {info.rejected} (microscopy scans are {lo}–{hi} µm/px); "
+                "give the slide's mpp in the manifest's mpp column (or --slide-mpp) to override"
+            )
+        return "no mpp"
+    if not is_plausible_mpp(info.mpp):
+        return f"implausible resolution {info.mpp:.4g} µm/px from {info.source} (microscopy scans are {lo}–{hi} µm/px)"
+    if target_mpp * MAX_UPSAMPLE < info.mpp:
+        return (
+            f"target {target_mpp:g} µm/px is {info.mpp / target_mpp:.1f}× finer than the slide's level 0 "
+            f"({info.mpp:.4g} µm/px from {info.source}); at most {MAX_UPSAMPLE:g}× upsampling is allowed"
+        )
+    return None
 
 
 @dataclass(frozen=True)

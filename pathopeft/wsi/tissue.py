@@ -181,7 +181,7 @@ class TissueMask:
             )
         collection = {"type": "FeatureCollection", "features": features}
         if path is not None:
-            from pathopeft.wsi.h5io import atomic_write_text
+            from pathopeft.io import atomic_write_text
 
             atomic_write_text(Path(path), json.dumps(collection))
         return collection

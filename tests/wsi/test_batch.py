@@ -87,17 +87,57 @@ def test_stale_temporary_files_are_removed_and_not_mistaken_for_output(slides, t
     assert not list(out.rglob(".*.tmp*"))
 
 
-def test_changed_parameters_redo_and_broken_output_is_redone(slides, tmp_path):
+def test_other_parameters_are_refused_then_redone_with_overwrite(slides, tmp_path):
+    from pathopeft.wsi.outputs import OutputConflictError
+
     out = tmp_path / "run"
     batch.run_batch(slides[:2], _cfg(out))
+    before = (out / "patches" / "s0.h5").read_bytes()
     assert batch.run_batch(slides[:2], _cfg(out)) == []
-    records = batch.run_batch(slides[:2], _cfg(out, tile_px=32))  # new tile size -> new hash
+    with pytest.raises(
+        OutputConflictError, match=r"run: holds tiles made with other tiling parameters \(tile_px 64 → 32\)"
+    ):
+        batch.run_batch(slides[:2], _cfg(out, tile_px=32))
+    assert (out / "patches" / "s0.h5").read_bytes() == before  # nothing of the earlier run was touched
+    records = batch.run_batch(slides[:2], _cfg(out, tile_px=32, overwrite=True))  # new tile size -> new hash
     assert [r["status"] for r in records] == ["done", "done"]
-    n64 = batch.run_batch(slides[:1], _cfg(out))[0]["n_tiles"]
+    n64 = batch.run_batch(slides[:1], _cfg(out, overwrite=True))[0]["n_tiles"]
     n32 = records[0]["n_tiles"]
     assert n32 > n64
-    # an output deleted by hand is regenerated even though the status says done
-    (out / "patches" / "s1.h5").unlink()
+
+
+def test_other_encoder_weights_into_the_same_features_folder_are_refused(slides, tmp_path):
+    from safetensors.torch import save_file
+
+    from pathopeft.backbones import create_backbone
+    from pathopeft.wsi.outputs import OutputConflictError
+
+    out = tmp_path / "run"
+    batch.run_batch(slides[:1], _cfg(out))
+    tiny = dict(TINY_VIT)
+    model = create_backbone(tiny.pop("name"), **tiny).model
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    cfg = _cfg(out)
+    cfg.extract.weights = str(tmp_path / "w.safetensors")
+    with pytest.raises(OutputConflictError, match=r"features_vit_tiny_patch16_224: holds features of another encoder"):
+        batch.run_batch(slides[:1], cfg)
+    assert batch.run_batch(slides[:1], _cfg(out)) == []  # the original settings: still done, nothing lost
+
+
+def test_folders_written_before_params_json_are_guarded_by_their_hashes(slides, tmp_path):
+    from pathopeft.wsi.outputs import OutputConflictError
+
+    out = tmp_path / "run"
+    batch.run_batch(slides[:1], _cfg(out))
+    (out / "params.json").unlink()
+    with pytest.raises(OutputConflictError, match=r"s0\.h5: made with other tiling parameters"):
+        batch.run_batch(slides[:1], _cfg(out, tile_px=32))
+
+
+def test_an_output_deleted_by_hand_is_regenerated(slides, tmp_path):
+    out = tmp_path / "run"
+    batch.run_batch(slides[:2], _cfg(out))
+    (out / "patches" / "s1.h5").unlink()  # the status still says done
     redone = batch.run_batch(slides[:2], _cfg(out))
     assert [r["slide_id"] for r in redone] == ["s1"]
 

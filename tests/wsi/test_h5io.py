@@ -30,7 +30,9 @@ def test_coords_attrs_superset_of_clam_and_trident():
     assert attrs["custom_downsample"] == pytest.approx(2.0)
     assert attrs["patch_size_level0"] == 448
     assert attrs["level0_magnification"] == pytest.approx(40)
-    assert attrs["target_magnification"] == pytest.approx(20)
+    # TRIDENT reads patch_size * level0_mag / target_mag level-0 px: the magnification of the 448 px read
+    assert attrs["target_magnification"] == pytest.approx(40)
+    assert attrs["tile_magnification"] == pytest.approx(20)
 
 
 def test_write_read_round_trip(tmp_path):
@@ -69,11 +71,28 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "p.h5"
 
     def boom(*a, **k):
-        raise RuntimeError("disk full")
+        raise RuntimeError("boom")
 
     monkeypatch.setattr(h5py.AttributeManager, "__setitem__", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match="boom"):
         h5io.write_patches(target, np.zeros((5, 2)), {"patch_size": 1}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_while_writing_h5_raises_disk_full_naming_the_file(tmp_path, monkeypatch):
+    """ENOSPC reaches the caller as DiskFullError naming the file; no temporary is left behind."""
+    import errno
+
+    from pathopeft import io
+    from pathopeft.errors import DiskFullError
+
+    def full(tmp, data):
+        tmp.write_bytes(data[: len(data) // 2])  # half a file on disk, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "_write_all", full)
+    with pytest.raises(DiskFullError, match=r"f\.h5: disk full"):
+        h5io.write_features(tmp_path / "f.h5", np.zeros((3, 4)), np.zeros((3, 2)), {}, {})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -98,7 +98,8 @@ def test_h5_reads_like_clam_and_trident(cmu_run, cmu_slide):
     with h5py.File(path, "r") as f:  # TRIDENT
         attrs = f["coords"].attrs
         assert attrs["patch_size_level0"] == round(256 * 0.5 / 0.499)
-        assert attrs["target_magnification"] == pytest.approx(20.0)
+        assert attrs["target_magnification"] == pytest.approx(10 / 0.499)  # of the pixels read (no level at 20x)
+        assert attrs["tile_magnification"] == pytest.approx(20.0)
         assert attrs["level0_magnification"] == pytest.approx(10 / 0.499)
         assert {"overlap", "name", "level0_width", "level0_height", "target_mpp", "level0_mpp"} <= set(attrs)
         assert "tissue_method" in f.attrs

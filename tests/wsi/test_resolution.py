@@ -74,3 +74,34 @@ def test_size_at_level():
     choice = choose_level((1, 2, 4, 8), 0.25, 0.6)
     assert size_at_level(224, choice) == round(224 * 1.2)
     assert math.isclose(choice.target_downsample, 2.4)
+
+
+def test_implausible_metadata_is_refused_and_named():
+    """The boxes fixture's openslide.mpp-x = 352.78 (a 72-dpi tag) is not a scan resolution."""
+    from pathopeft.wsi.resolution import mpp_problem
+
+    info = resolve_mpp({"openslide.mpp-x": "352.777"})
+    assert info.mpp is None
+    assert info.rejected == "352.8 µm/px from openslide.mpp-x"
+    reason = mpp_problem(info, 0.5)
+    assert reason.startswith("implausible resolution 352.8 µm/px from openslide.mpp-x")
+    assert "manifest's mpp column" in reason
+    # the manifest overrides an implausible value (but never a plausible one, see test_resolve_mpp_order)
+    info = resolve_mpp({"openslide.mpp-x": "352.777"}, 0.5)
+    assert (info.mpp, info.source) == (0.5, "manifest")
+    assert mpp_problem(info, 0.5) is None
+    # a plausible value further down the order of trust is used
+    info = resolve_mpp({"openslide.mpp-x": "0.001", "openslide.objective-power": "20"})
+    assert (info.mpp, info.source) == (0.5, "objective-power")
+    assert info.rejected == "0.001 µm/px from openslide.mpp-x"
+
+
+@pytest.mark.parametrize(("mpp0", "target", "ok"), [(0.5, 0.25, True), (0.5, 0.24, False), (0.25, 0.01, False)])
+def test_targets_far_finer_than_level0_are_refused(mpp0, target, ok):
+    from pathopeft.wsi.resolution import MppInfo, mpp_problem
+
+    reason = mpp_problem(MppInfo(mpp0, "openslide.mpp-x"), target)
+    assert (reason is None) == ok
+    if not ok:
+        assert "finer than the slide's level 0" in reason
+        assert "at most 2× upsampling" in reason
