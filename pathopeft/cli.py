@@ -90,6 +90,11 @@ def _add_wsi_job_args(p: argparse.ArgumentParser, features: bool) -> None:
     s.add_argument("--accelerator", default="auto", help="Lightning accelerator for --devices (gpu | cpu | auto)")
     p.add_argument("--no-qc", action="store_true", help="skip the per-slide QC pictures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results made with other parameters in --out (default: refuse, naming what differs)",
+    )
 
 
 def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
@@ -134,6 +139,7 @@ def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
             shard=parse_shard(args.shard) if args.shard else (0, 1),
             qc=not args.no_qc and base.get("qc", True),
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid WSI settings: {e}") from None
@@ -215,6 +221,12 @@ def cmd_wsi_info(args: argparse.Namespace) -> int:
 def cmd_wsi_qc(args: argparse.Namespace) -> int:
     from pathopeft.wsi.qc import write_summary
 
+    if not args.run_dir.is_dir():
+        print(f"error: {args.run_dir}: no such folder", file=sys.stderr)
+        return 2
+    if not (args.run_dir / "status").is_dir():
+        print(f"error: {args.run_dir}: not a pathopeft WSI run folder (no status/ inside)", file=sys.stderr)
+        return 2
     print(write_summary(args.run_dir))
     return 0
 

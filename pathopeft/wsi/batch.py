@@ -88,7 +88,12 @@ def process_slide(
             record.update(status=SKIPPED, reason=problem)
             return record
         detector = create_detector(t.tissue, **t.tissue_params)
-        tissue = detect_tissue(slide, detector)
+        bad_regions: list[dict] | None = [] if cfg.extract.skip_bad_tiles else None
+        tissue = detect_tissue(slide, detector, bad_regions)
+        if bad_regions:
+            log.warning("%s: %d unreadable regions read as background, first at %s", entry.slide_id,
+                        len(bad_regions), bad_regions[0]["error"])  # fmt: skip
+            record["bad_regions"] = bad_regions
         timings["tissue_s"] = time.perf_counter() - t0
         tissue.to_geojson(paths.geojson)
         grid = tile_grid(

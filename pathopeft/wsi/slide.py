@@ -82,7 +82,11 @@ class Slide(ABC):
         ds = max(w0, h0) / max_size
         level = max(i for i, d in enumerate(self.level_downsamples) if d <= max(ds, 1.0))
         lw, lh = self.level_dimensions[level]
-        region = self.read_region((0, 0), level, (lw, lh))
+        try:
+            region = self.read_region((0, 0), level, (lw, lh))
+        except SlideError:  # a picture: undecodable parts show as background
+            self.reopen()
+            region = _read_strip_by_blocks(self, 0, level, (lw, lh), self.level_downsamples[level], 256, [])
         scale = min(1.0, max_size / max(lw, lh))
         if scale < 1.0:
             img = Image.fromarray(region).resize((max(1, round(lw * scale)), max(1, round(lh * scale))), Image.BOX)
@@ -265,10 +269,52 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     raise SlideError(f"{p}: unsupported or unreadable slide ({'; '.join(e.split(': ', 1)[-1] for e in errors)})")
 
 
-def read_at_mpp(slide: Slide, mpp: float, strip_px: int = 4096) -> tuple[np.ndarray, float]:
+def _read_strip_by_blocks(
+    slide: Slide,
+    y0_level: int,
+    level: int,
+    size: tuple[int, int],
+    downsample: float,
+    block_px: int,
+    bad_regions: list[dict] | None,
+) -> np.ndarray:
+    """Re-read a strip that failed in blocks, to find the unreadable part and (if tolerated) keep the rest.
+
+    Unreadable blocks become white (background). With ``bad_regions`` None the first one raises, naming its
+    level-0 rectangle; otherwise each is appended as ``{"x", "y", "w", "h", "error"}`` in level-0 pixels.
+    """
+    lw, h = size
+    strip = np.full((h, lw, 3), 255, dtype=np.uint8)
+    for bx in range(0, lw, block_px):
+        for by in range(0, h, block_px):
+            w_, h_ = min(block_px, lw - bx), min(block_px, h - by)
+            x_l0, y_l0 = round(bx * downsample), round((y0_level + by) * downsample)
+            try:
+                strip[by : by + h_, bx : bx + w_] = slide.read_region((x_l0, y_l0), level, (w_, h_))
+            except SlideError as e:
+                slide.reopen()  # an OpenSlide handle is unusable after a decode error
+                region = {"x": x_l0, "y": y_l0, "w": round(w_ * downsample), "h": round(h_ * downsample)}
+                cause = str(e).split(" failed (", 1)[-1].rstrip(")")
+                where = (
+                    f"x {region['x']}–{region['x'] + region['w']}, y {region['y']}–{region['y'] + region['h']} "
+                    f"(level-0 px, read at level {level})"
+                )
+                if bad_regions is None:
+                    raise SlideError(
+                        f"{slide.path}: unreadable region {where}: {cause}; --skip-bad-tiles treats it as background"
+                    ) from e
+                bad_regions.append({**region, "error": f"{where}: {cause}"})
+    return strip
+
+
+def read_at_mpp(
+    slide: Slide, mpp: float, strip_px: int = 4096, bad_regions: list[dict] | None = None, block_px: int = 256
+) -> tuple[np.ndarray, float]:
     """Whole slide as one RGB array at (about) ``mpp`` µm/px; returns the image and its level-0 downsample.
 
-    Reads the best level in horizontal strips so a large level never sits in memory twice.
+    Reads the best level in horizontal strips so a large level never sits in memory twice. A strip that cannot
+    be decoded is re-read in ``block_px`` blocks: the error then names the real unreadable region, and with a
+    ``bad_regions`` list given those regions are collected there and read as background instead of failing.
     """
     from pathopeft.wsi.resolution import choose_level
 
@@ -283,7 +329,13 @@ def read_at_mpp(slide: Slide, mpp: float, strip_px: int = 4096) -> tuple[np.ndar
     for y in range(0, lh, strip_px):
         h = min(strip_px, lh - y)
         y0 = round(y * choice.level_downsample)
-        strip = slide.read_region((0, y0), choice.level, (lw, h))
+        try:
+            strip = slide.read_region((0, y0), choice.level, (lw, h))
+        except SlideError:
+            slide.reopen()
+            strip = _read_strip_by_blocks(
+                slide, y, choice.level, (lw, h), choice.level_downsample, block_px, bad_regions
+            )
         if choice.resize_factor != 1.0:
             sh = max(1, round(out_h * (y + h) / lh) - round(out_h * y / lh))
             strip = np.asarray(Image.fromarray(strip).resize((out_w, sh), Image.BOX))

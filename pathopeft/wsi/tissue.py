@@ -192,11 +192,17 @@ def _signed_area(xy: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
-def detect_tissue(slide: Slide, detector: TissueDetector | None = None) -> TissueMask:
-    """Run ``detector`` (default: Otsu) on ``slide`` at the detector's working resolution."""
+def detect_tissue(
+    slide: Slide, detector: TissueDetector | None = None, bad_regions: list[dict] | None = None
+) -> TissueMask:
+    """Run ``detector`` (default: Otsu) on ``slide`` at the detector's working resolution.
+
+    With a ``bad_regions`` list, undecodable parts of the slide are read as background and listed there
+    (level-0 rectangles); without one, the first such part raises a :class:`SlideError` naming it.
+    """
     from pathopeft.wsi.slide import read_at_mpp
 
     detector = detector or OtsuTissueDetector()
-    image, downsample = read_at_mpp(slide, detector.mpp)
+    image, downsample = read_at_mpp(slide, detector.mpp, bad_regions=bad_regions)
     effective_mpp = slide.mpp * downsample
     return TissueMask(mask=detector.detect(image, effective_mpp), downsample=downsample)
