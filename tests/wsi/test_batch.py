@@ -218,3 +218,20 @@ def test_distributed_two_cpu_processes(slides, tmp_path):
     assert {tuple(r["shard"]) for r in records} == {(0, 2), (1, 2)}
     assert len({r["pid"] for r in records}) == 2
     assert "| 5 | 5 | 0 | 0 | 0 |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [
+        ("vit_small_patch16_224", "features_vit_small_patch16_224"),
+        ("hf-hub:MahmoodLab/UNI", "features_MahmoodLab--UNI"),
+        ("hf_hub:org/name:v2", "features_org--name_v2"),
+        ("../../etc", "features_--..--etc"),  # one harmless component, never a path
+    ],
+)
+def test_feature_folder_names_are_safe(name, folder):
+    from pathopeft.wsi.outputs import features_dirname
+
+    assert features_dirname(name) == folder
+    assert "/" not in folder
+    assert ":" not in folder
