@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pathopeft.errors import UserError
+
 log = logging.getLogger("pathopeft")
 
 WSI_EPILOG = """\
@@ -105,10 +107,17 @@ def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
 
     base: dict[str, Any] = {}
     if args.config:
-        base = yaml.safe_load(args.config.read_text()) or {}
+        if not args.config.is_file():
+            raise UserError(f"{args.config}: config not found")
+        try:
+            base = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{args.config}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(base, dict):
+            raise UserError(f"{args.config}: expected a mapping with tiling/extract/qc sections")
         unknown = set(base) - {"tiling", "extract", "qc"}
         if unknown:
-            raise SystemExit(f"{args.config}: unknown section(s) {sorted(unknown)}; expected tiling/extract/qc")
+            raise UserError(f"{args.config}: unknown section(s) {sorted(unknown)}; expected tiling/extract/qc")
     tiling = dict(base.get("tiling") or {})
     extract = dict(base.get("extract") or {})
     if args.mpp is not None:
@@ -142,7 +151,7 @@ def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
             overwrite=args.overwrite,
         )
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"invalid WSI settings: {e}") from None
+        raise UserError(f"invalid WSI settings: {e}") from None
 
 
 def _entries(args: argparse.Namespace) -> list:
@@ -150,20 +159,20 @@ def _entries(args: argparse.Namespace) -> list:
 
     given = [x for x in (args.manifest, args.slides, args.sample or None) if x]
     if len(given) != 1:
-        raise SystemExit("give exactly one input: --manifest CSV, --slides FILE..., or --sample")
+        raise UserError("give exactly one input: --manifest CSV, --slides FILE..., or --sample")
     try:
         if args.manifest:
             return read_manifest(args.manifest)
         if args.slides:
             return entries_from_paths(args.slides, mpp=args.slide_mpp)
     except ManifestError as e:
-        raise SystemExit(str(e)) from None
+        raise UserError(str(e)) from None
     from pathopeft.data import SampleDataError, sample_slide
 
     try:
         return entries_from_paths([sample_slide()])
     except SampleDataError as e:
-        raise SystemExit(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def cmd_wsi_job(args: argparse.Namespace, features: bool) -> int:
@@ -213,6 +222,7 @@ def cmd_wsi_info(args: argparse.Namespace) -> int:
             ],
             "mpp": info.mpp,
             "mpp_source": info.source,
+            "mpp_rejected": info.rejected,
         }
     print(json.dumps(out, indent=2))
     return 0
@@ -288,7 +298,11 @@ def cmd_adapters_count(args: argparse.Namespace) -> int:
 
     from pathopeft import adapters
 
-    model = timm.create_model(args.model, pretrained=False, **(args.model_kwargs or {}))
+    try:
+        model = timm.create_model(args.model, pretrained=False, **(args.model_kwargs or {}))
+    except (RuntimeError, TypeError) as e:  # timm: "Unknown model (...)"; a bad keyword
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     total = sum(p.numel() for p in model.parameters())
     extra = args.method_kwargs or {}
     try:
@@ -352,38 +366,44 @@ def cmd_mil_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_seg_fit(args: argparse.Namespace) -> int:
-    """LightningCLI over SegModule + SegDataModule: the YAML holds model, data and trainer sections."""
+    """LightningCLI over SegModule + SegDataModule: the YAML holds model, data and trainer sections.
+
+    The config is checked first, and LightningCLI raises its parse errors instead of printing its usage text, so
+    a bad config is one ``error:`` line; data errors (``SegDataModule.setup`` checks every file) pass through.
+    """
     from lightning.pytorch.cli import LightningCLI
 
+    from pathopeft.seg.compare import SegConfigError, read_config
     from pathopeft.seg.data import SegDataModule
     from pathopeft.seg.module import SegModule
 
-    LightningCLI(
-        SegModule, SegDataModule, args=["fit", "--config", str(args.config), *args.rest],
-        save_config_kwargs={"overwrite": True}, seed_everything_default=0,
-    )  # fmt: skip
+    read_config(args.config)
+    try:
+        LightningCLI(
+            SegModule, SegDataModule, args=["fit", "--config", str(args.config), *args.rest],
+            save_config_kwargs={"overwrite": True}, seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False},
+        )  # fmt: skip
+    except argparse.ArgumentError as e:  # jsonargparse: unknown key, wrong type, missing required value
+        raise SegConfigError(f"{args.config}: {' '.join(str(e).split())}") from None
     return 0
 
 
 def cmd_seg_predict(args: argparse.Namespace) -> int:
-    from pathopeft.seg.module import SegModule
-    from pathopeft.seg.predict import predict_files
+    from pathopeft.seg.module import load_checkpoint
+    from pathopeft.seg.predict import check_images, predict_files
 
-    if not args.ckpt.is_file():
-        print(f"error: checkpoint {args.ckpt} not found", file=sys.stderr)
-        return 2
-    module = SegModule.load_from_checkpoint(str(args.ckpt), map_location="cpu")
+    check_images(args.images)  # a missing image fails before the checkpoint is loaded or anything is written
+    module = load_checkpoint(args.ckpt, map_location="cpu")
     for p in predict_files(module.model, args.images, args.out, args.crop):
         print(p)
     return 0
 
 
 def cmd_seg_compare(args: argparse.Namespace) -> int:
-    import yaml
+    from pathopeft.seg.compare import CompareConfig, read_config, run_compare
 
-    from pathopeft.seg.compare import CompareConfig, run_compare
-
-    data = yaml.safe_load(args.config.read_text()) or {}
+    data = read_config(args.config)
     if args.out_dir:
         data["out_dir"] = str(args.out_dir)
     try:
@@ -503,8 +523,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from pathopeft.errors import UserError
-
     try:
         return int(args.func(args) or 0)
     except UserError as e:  # bad input: one line naming the file and the problem, never a traceback

@@ -43,18 +43,35 @@ def test_doctor(capsys):
     assert "OpenSlide library" in out
 
 
-def test_input_is_required(tmp_path):
-    with pytest.raises(SystemExit, match="exactly one input"):
-        main(["wsi", "tile", "--out", str(tmp_path)])
+def _error(capsys, argv) -> str:
+    """Run the CLI expecting a one-line error (exit 2, no traceback); return that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: ")
+    return err
 
 
-def test_bad_settings_exit_with_message(tmp_path):
-    with pytest.raises(SystemExit, match="overlap_px"):
-        main(["wsi", "tile", "--slides", "x.svs", "--out", str(tmp_path), "--tile-px", "64", "--overlap-px", "64"])
+def test_input_is_required(tmp_path, capsys):
+    assert "exactly one input" in _error(capsys, ["wsi", "tile", "--out", str(tmp_path)])
+
+
+def test_bad_settings_exit_with_message(tmp_path, capsys):
+    base = ["wsi", "tile", "--slides", "x.svs", "--out", str(tmp_path)]
+    assert "overlap_px" in _error(capsys, [*base, "--tile-px", "64", "--overlap-px", "64"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tilling: {}\n")
-    with pytest.raises(SystemExit, match=r"unknown section\(s\) \['tilling'\]"):
-        main(["wsi", "tile", "--slides", "x.svs", "--out", str(tmp_path), "--config", str(cfg)])
+    assert "unknown section(s) ['tilling']" in _error(capsys, [*base, "--config", str(cfg)])
+    assert f"{tmp_path / 'nope.yaml'}: config not found" in _error(
+        capsys, [*base, "--config", str(tmp_path / "nope.yaml")]
+    )
+    cfg.write_text("tiling: [unclosed\n")
+    assert f"{cfg}: not valid YAML" in _error(capsys, [*base, "--config", str(cfg)])
+
+
+def test_adapters_count_unknown_model_is_one_line(capsys):
+    assert "--model vit_smol: Unknown model" in _error(capsys, ["adapters", "count", "lora", "--model", "vit_smol"])
 
 
 def test_mag_is_converted_to_mpp(tmp_path):

@@ -23,12 +23,39 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import yaml
 
+from pathopeft.errors import UserError
 from pathopeft.memory import peak_mib, start_peak
 from pathopeft.seg.data import SegDataModule, SegDataset
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule
 from pathopeft.seg.predict import predict_image
+
+
+class SegConfigError(UserError, ValueError):
+    """A ``seg fit`` / ``seg compare`` config that is missing or not a YAML mapping; the message names it."""
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The YAML mapping in ``path``, or one error naming the file: checked before LightningCLI, which would
+    bury a missing file under its usage text."""
+    p = Path(path)
+    if not p.is_file():
+        raise SegConfigError(f"{p}: config not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise SegConfigError(f"{p}: not valid YAML ({where}{e.problem or e.context})") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SegConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SegConfigError(f"{p}: expected a mapping of settings (key: value), got a YAML {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -185,8 +212,7 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         val_fraction=cfg.val_fraction, seed=0, stride=cfg.crop,
         samples_per_epoch=cfg.batch_size * cfg.max_steps,
     )  # fmt: skip
-    dm.setup("fit")
-    dm.setup("test")
+    dm.setup()  # every split at once: all records are checked (and kept) before the first run trains
     rows, grids = [], {}
     for method in cfg.methods:
         sweep = [run_cached(cfg, method, lr, cfg.seeds[0], dm, out) for lr in cfg.lrs]

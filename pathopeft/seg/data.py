@@ -17,6 +17,9 @@ column     required  meaning
 =========  ========  ==========================================================================================
 
 Other columns are kept in ``SegRecord.extra``. Errors name the file and line (``seg.csv:7: duplicate id 'x'``).
+``SegDataModule.setup`` decodes every image and mask once (see :meth:`SegDataset.validate`), so an unreadable
+file, a colour mask or an illegal label fails before the first training step, not when that image is first
+sampled hours later (or never, for a test row).
 
 Mask decoding (``mask_mode``): ``"binary"`` maps every value > 0 to 1 (so {0,255} and {0,1} masks both work;
 ``n_classes`` must be 2); ``"index"`` keeps the values as class indices, which must lie in ``range(n_classes)``.
@@ -56,6 +59,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 _TIFF = (".tif", ".tiff")
 _REFLECT = cv2.BORDER_REFLECT_101
+# what PIL / tifffile raise for a broken file (PIL reports some broken PNG chunks as SyntaxError)
+_DECODE_ERRORS = (OSError, ValueError, IndexError, KeyError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class SegDataError(UserError, ValueError):
@@ -64,7 +69,7 @@ class SegDataError(UserError, ValueError):
 
 @dataclass
 class SegRecord:
-    """One manifest row; ``image`` and ``mask`` are absolute paths."""
+    """One manifest row; ``image`` and ``mask`` are absolute paths; ``manifest``/``line`` say where it came from."""
 
     id: str
     image: Path
@@ -72,6 +77,15 @@ class SegRecord:
     split: str
     group: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    manifest: Path | None = field(default=None, compare=False)
+    line: int | None = field(default=None, compare=False)
+
+    def located(self, error: SegDataError) -> SegDataError:
+        """A copy of ``error`` prefixed with ``manifest:line:``, so a file problem found late still points at its
+        row (a new object, so ``raise record.located(e) from e`` never chains ``e`` to itself)."""
+        where = f"{self.manifest}:{self.line}: " if self.manifest is not None and self.line is not None else ""
+        text = str(error)
+        return SegDataError(text if text.startswith(where) else where + text)
 
 
 # --------------------------------------------------------------------------------------------- manifests
@@ -121,7 +135,8 @@ def read_seg_manifest(path: str | os.PathLike[str]) -> list[SegRecord]:
                 raise SegDataError(f"{p}:{line}: duplicate id {rid!r} (first on line {seen[rid]})")
             seen[rid] = line
             extra = {k: v for k, v in row.items() if k not in (*REQUIRED, "id", "group")}
-            records.append(SegRecord(rid, files["image"], files["mask"], split, row.get("group") or None, extra))
+            group = row.get("group") or None
+            records.append(SegRecord(rid, files["image"], files["mask"], split, group, extra, p, line))
     if not records:
         raise SegDataError(f"{p}: manifest has no rows")
     return records
@@ -183,7 +198,7 @@ def read_size(path: str | os.PathLike[str]) -> tuple[int, int]:
                 return int(series.shape[series.axes.index("Y")]), int(series.shape[series.axes.index("X")])
         with Image.open(path) as im:
             return im.height, im.width
-    except (OSError, ValueError, IndexError, KeyError) as e:
+    except _DECODE_ERRORS as e:
         if isinstance(e, SegDataError):
             raise
         raise SegDataError(f"{path}: not a readable image ({e})") from e
@@ -218,7 +233,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # PIL's convert("RGB") would clip, not rescale
                 return _rgb_uint8(np.asarray(im), path)
             return np.array(im.convert("RGB"))  # a writable copy: torch warns about read-only arrays
-    except (OSError, ValueError, IndexError, KeyError) as e:
+    except _DECODE_ERRORS as e:
         if isinstance(e, SegDataError):
             raise
         raise SegDataError(f"{path}: not a readable image ({e})") from e
@@ -234,7 +249,7 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         else:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("L") if im.mode == "1" else im)
-    except (OSError, ValueError, IndexError, KeyError) as e:
+    except _DECODE_ERRORS as e:
         if isinstance(e, SegDataError):
             raise
         raise SegDataError(f"{path}: not a readable mask ({e})") from e
@@ -380,10 +395,11 @@ class SegDataset(Dataset):
     Eval: one item per tile of the grid ``tile_starts(H, crop, stride)`` × ``tile_starts(W, crop, stride)``
     (``stride`` default ``crop // 2``); ``self.tiles[i] == (index, y, x)``, and :func:`stitch` reassembles them.
 
-    Image and mask sizes are checked from the headers at construction; pixels are decoded on first use and,
-    with ``cache=True``, kept (uint8, ~4 MB per 1000² image) — otherwise only the last image is kept, which
-    still serves consecutive eval tiles. Random crops draw from a generator seeded per process from
-    ``torch.initial_seed()``, so DataLoader workers differ and ``seed_everything`` makes runs repeatable.
+    Image and mask sizes are checked from the headers at construction; pixels are decoded by :meth:`validate`
+    (which ``SegDataModule.setup`` calls) or on first use and, with ``cache=True``, kept (uint8, ~4 MB per 1000²
+    image) — otherwise only the last image is kept, which still serves consecutive eval tiles. Random crops draw
+    from a generator seeded per process from ``torch.initial_seed()``, so DataLoader workers differ and
+    ``seed_everything`` makes runs repeatable.
     """
 
     def __init__(
@@ -417,10 +433,16 @@ class SegDataset(Dataset):
         self.samples_per_epoch, self.cache = samples_per_epoch, cache
         self.sizes: list[tuple[int, int]] = []
         for r in self.records:
-            size, mask_size = read_size(r.image), read_size(r.mask)
+            try:
+                size, mask_size = read_size(r.image), read_size(r.mask)
+            except SegDataError as e:
+                raise r.located(e) from e
             if size != mask_size:
-                raise SegDataError(
-                    f"image {r.image} is {size[0]}×{size[1]} (H×W) but mask {r.mask} is {mask_size[0]}×{mask_size[1]}"
+                raise r.located(
+                    SegDataError(
+                        f"image {r.image} is {size[0]}×{size[1]} (H×W) but mask {r.mask} is "
+                        f"{mask_size[0]}×{mask_size[1]}"
+                    )
                 )
             self.sizes.append(size)
         self.tiles: list[tuple[int, int, int]] = [
@@ -444,19 +466,40 @@ class SegDataset(Dataset):
         """(height, width) of record ``index``: the ``out_shape`` for :func:`stitch`."""
         return self.sizes[index]
 
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        r = self.records[index]
+        try:
+            img = read_image(r.image)
+            mask = decode_mask(read_mask(r.mask), self.n_classes, self.mask_mode, r.mask)
+            if img.shape[:2] != mask.shape:  # headers agreed, pixels did not (odd multi-series TIFF)
+                raise SegDataError(f"image {r.image} decodes to {img.shape[:2]} but mask {r.mask} to {mask.shape}")
+        except SegDataError as e:
+            raise r.located(e) from e
+        return img, mask
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded (H, W, 3) uint8 image and (H, W) class-index mask of record ``index``."""
         if index in self._cache:
             return self._cache[index]
-        r = self.records[index]
-        img = read_image(r.image)
-        mask = decode_mask(read_mask(r.mask), self.n_classes, self.mask_mode, r.mask)
-        if img.shape[:2] != mask.shape:  # headers agreed, pixels did not (odd multi-series TIFF)
-            raise SegDataError(f"image {r.image} decodes to {img.shape[:2]} but mask {r.mask} to {mask.shape}")
+        img, mask = self._decode(index)
         if not self.cache:
             self._cache.clear()
         self._cache[index] = (img, mask)
         return img, mask
+
+    def validate(self, keep: bool | None = None) -> None:
+        """Decode every image and mask once now, so a bad file fails before training instead of when sampled.
+
+        Checks decodability, a one-channel mask, matching sizes and legal label values. ``keep`` (default
+        ``cache``) keeps the decoded pixels, so validation costs no second decode; ``keep=False`` checks and
+        drops them (for a split the current stage does not use).
+        """
+        keep = self.cache if keep is None else keep
+        for i in range(len(self.records)):
+            if keep:
+                self.load(i)
+            elif i not in self._cache:
+                self._decode(i)
 
     def full_mask(self, index: int) -> torch.Tensor:
         """The whole ground-truth mask (H, W) int64 of record ``index``, to score stitched predictions."""
@@ -526,7 +569,11 @@ class SegDataset(Dataset):
 
 
 class SegDataModule(pl.LightningDataModule):
-    """Train crops, val/test tiles from one manifest (val held out by image when the manifest has none)."""
+    """Train crops, val/test tiles from one manifest (val held out by image when the manifest has none).
+
+    ``check_files`` (default on) decodes every image and mask of all splits in the first ``setup``, so bad input
+    fails before training; turn it off only for a dataset too large to decode up front (headers are still read).
+    """
 
     def __init__(
         self,
@@ -543,13 +590,14 @@ class SegDataModule(pl.LightningDataModule):
         crops_per_image: int = 8,
         aug_strength: Strength = "default",
         cache: bool = True,
+        check_files: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.manifest, self.n_classes, self.mask_mode, self.crop = manifest, n_classes, mask_mode, crop
         self.batch_size, self.num_workers, self.val_fraction, self.seed = batch_size, num_workers, val_fraction, seed
         self.stride, self.samples_per_epoch, self.crops_per_image = stride, samples_per_epoch, crops_per_image
-        self.aug_strength, self.cache = aug_strength, cache
+        self.aug_strength, self.cache, self.check_files = aug_strength, cache, check_files
         self.train_records: list[SegRecord] = []
         self.val_records: list[SegRecord] = []
         self.test_records: list[SegRecord] = []
@@ -558,7 +606,11 @@ class SegDataModule(pl.LightningDataModule):
         self.test_set: SegDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and split the manifest once; build the three datasets (header reads only)."""
+        """Read and split the manifest once, build the three datasets and (``check_files``) decode every record.
+
+        All three splits are checked on the first call, whatever the stage, so a broken test image stops ``fit``
+        before it trains; pixels are kept (with ``cache``) only for the splits this stage reads.
+        """
         if self.train_set is None:
             records = read_seg_manifest(self.manifest)
             self.train_records, self.val_records, self.test_records = split_train_val(
@@ -580,6 +632,11 @@ class SegDataModule(pl.LightningDataModule):
             self.test_set = SegDataset(
                 self.test_records, aug=eval_transforms(), stride=self.stride, cache=self.cache, **common
             )
+            if self.check_files:
+                used = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+                for name in ("train", "val", "test"):
+                    ds = getattr(self, f"{name}_set")
+                    ds.validate(keep=self.cache and (stage is None or name in used.get(stage, ())))
         if self.num_workers > 0:  # decode before workers fork: one shared copy instead of one per worker
             sets = {"fit": (self.train_set, self.val_set), "validate": (self.val_set,), "test": (self.test_set,)}
             for ds in sets.get(stage or "", ()):

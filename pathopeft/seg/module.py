@@ -10,7 +10,9 @@ plain inference code, and on CPU (no autocast at all). A Trainer with ``precisio
 
 Checkpoints hold only what training changed (adapter + decoder, see
 :meth:`SegModel.trainable_state_dict`) plus the hyperparameters that rebuild the frozen encoder from its
-weights file: megabytes instead of the encoder's size. ``SegModule.load_from_checkpoint`` restores them.
+weights file: megabytes instead of the encoder's size. :func:`load_checkpoint` (or
+``SegModule.load_from_checkpoint``) restores them; the former turns a missing or corrupt file into one
+:class:`SegCheckpointError` naming it.
 
 Lightning's "Found N module(s) in eval mode at the start of training" warning is expected with a frozen or
 adapted encoder: :meth:`SegModel.train` keeps the frozen encoder (or its BatchNorm layers) in eval mode.
@@ -19,6 +21,9 @@ adapted encoder: :meth:`SegModel.train` keeps the frozen encoder (or its BatchNo
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,9 +31,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 
+from pathopeft.errors import UserError
 from pathopeft.seg.model import SegModel
 
 TRAINABLE_ONLY = "pathopeft_trainable_only"  # checkpoint flag: the state dict lacks the frozen encoder
+
+
+class SegCheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, unreadable or not written by ``pathopeft seg fit``; the message names it."""
 
 
 def early_stopping(patience: int = 10, **kwargs: Any) -> EarlyStopping:
@@ -191,3 +201,36 @@ class SegModule(pl.LightningModule):
         sd = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
         self.model.load_trainable_state_dict(sd)
         checkpoint["state_dict"] = self.state_dict()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()).split(". ")[0]  # torch appends paragraphs of advice after the first sentence
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> SegModule:
+    """A :class:`SegModule` from a ``seg fit`` checkpoint; a missing, truncated or foreign file is one clear error.
+
+    torch reports a bad file as whatever its unpickler tripped on (``struct.error``, ``RuntimeError``,
+    ``EOFError``, ``KeyError`` …), so the file is read and its layout checked here before Lightning rebuilds
+    the model from it (checkpoints are megabytes: adapter + decoder only).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SegCheckpointError(f"{p}: checkpoint not found")
+    data = p.read_bytes()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=None)  # as Lightning loads
+    except Exception as e:  # any unpickling failure means the file is not a usable checkpoint
+        raise SegCheckpointError(
+            f"{p}: not a readable checkpoint, truncated or not a torch file ({_one_line(e)})"
+        ) from e
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "model" not in hparams or "state_dict" not in ckpt:
+        raise SegCheckpointError(f"{p}: not a checkpoint of 'pathopeft seg fit' (no SegModule hyperparameters)")
+    try:
+        return SegModule.load_from_checkpoint(io.BytesIO(data), map_location=map_location)
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # e.g. an adapter state dict that fits another model
+        raise SegCheckpointError(f"{p}: cannot rebuild the model from this checkpoint ({_one_line(e)})") from e

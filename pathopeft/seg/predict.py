@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pathopeft.seg.data import read_image, stitch, tile_starts
+from pathopeft.seg.data import read_image, read_size, stitch, tile_starts
 from pathopeft.seg.model import SegModel
 
 
@@ -44,10 +44,18 @@ def _atomic_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_images(images: Sequence[str | os.PathLike[str]]) -> None:
+    """Every image exists and has a readable header: a typo in the last path fails before any output is written
+    (and before a checkpoint is loaded), not after the first images were predicted."""
+    for path in images:
+        read_size(path)
+
+
 def predict_files(
     model: SegModel, images: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], crop: int
 ) -> list[Path]:
     """``<stem>_mask.png`` (class indices; ×255 for binary so it is visible) and ``<stem>_overlay.png``."""
+    check_images(images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
