@@ -1,13 +1,16 @@
-"""timm backbones by name with weights from a local file — never a hub download.
+"""timm backbones by name with weights from a local file or the local Hugging Face cache — never a download.
 
 :func:`create_backbone` returns the model together with the input size and normalisation it expects
-(TRIDENT's encoder contract), so feature extraction never guesses preprocessing.
+(TRIDENT's encoder contract), so feature extraction never guesses preprocessing. Every bad name or weights
+file ends in a :class:`BackboneError` that names it, which the CLI prints as one line.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,46 @@ from typing import Any
 import torch
 from torch import nn
 
+from pathopeft.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: Classifier-head parameter prefixes dropped when loading a checkpoint into a headless backbone.
 HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.", "last_linear.")
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"  # timm's name for a folder with a hub-style config.json + weights
+#: Weights files a timm hub snapshot may hold, in the order timm prefers them.
+HUB_WEIGHTS_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+
+
+class BackboneError(UserError, ValueError):
+    """A backbone name or weights file that cannot give a model; the message names it and the problem.
+
+    A ``ValueError`` too, so code that caught the ``ValueError``s raised here before keeps working.
+    """
+
+
+class WeightsNotFoundError(BackboneError, FileNotFoundError):
+    """The weights file (or Hugging Face cache entry) is not on disk; also a ``FileNotFoundError``."""
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one safe folder component: ``hf-hub:org/name`` → ``org--name``, plain timm names unchanged.
+
+    Mirrors the HF cache's own ``models--org--name``; only ``[A-Za-z0-9._-]`` survive (anything else becomes
+    ``_``), and the result is never empty, ``.`` or ``..``, so ``features_<slug>/`` is always one folder.
+    """
+    if name.startswith(HF_HUB_PREFIX):
+        name = name[len(HF_HUB_PREFIX) :].replace("@", "--")
+    elif name.startswith(LOCAL_DIR_PREFIX):
+        name = Path(name[len(LOCAL_DIR_PREFIX) :]).name
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "--"))
+    return name if name.strip(".") else name.replace(".", "_") or "_"
 
 
 @dataclass
@@ -37,6 +76,11 @@ class Backbone:
     def is_random_init(self) -> bool:
         return self.weights is None
 
+    @property
+    def slug(self) -> str:
+        """The name as a safe folder component (see :func:`safe_name`)."""
+        return safe_name(self.name)
+
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) → float, scaled to [0, 1] then standardised."""
         mean = torch.tensor(self.mean, device=x_uint8.device).view(1, 3, 1, 1)
@@ -44,36 +88,154 @@ class Backbone:
         return (x_uint8.float().div_(255.0) - mean) / std
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` checkpoint into a flat state dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} not found (pathopeft never downloads weights: pass a local file)")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _first_line(e: BaseException) -> str:
+    """The informative line of a library error (torch's weights-only refusal puts it after a preamble)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
-        sd: Any = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "module"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` checkpoint into a flat state dict.
+
+    Raises :class:`WeightsNotFoundError` for a missing file and :class:`BackboneError` for one that is not a
+    readable checkpoint or holds no state dict, each naming the file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise WeightsNotFoundError(f"weights {p} is a folder; pass the weights file in it (.safetensors/.pth)")
+    if not p.is_file():
+        raise WeightsNotFoundError(
+            f"weights file {p} not found (pathopeft never downloads weights: pass a local file)"
+        )
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to deserialise a user's file is that file's fault: name it
+        kind = "safetensors" if p.suffix == ".safetensors" else "PyTorch checkpoint"
+        raise BackboneError(f"{p}: not a readable {kind} file ({_first_line(e)})") from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
     if not isinstance(sd, dict):
-        raise TypeError(f"{p}: expected a state dict, found {type(sd).__name__}")
+        raise BackboneError(f"{p}: expected a state dict, found {type(sd).__name__}")
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not sd or not_tensors:
+        raise BackboneError(
+            f"{p}: expected a state dict (names → tensors), found a dict with keys {list(sd)[:6]}"
+            + (f" of which {not_tensors[:4]} are not tensors" if not_tensors else "")
+        )
     return {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items()}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load local weights into ``model``; classifier heads are ignored, any other mismatch is an error."""
     sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(HEAD_PREFIXES)}
+    own = model.state_dict()
+    wrong = [
+        f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:  # checked here: torch raises a RuntimeError with every key listed for these
+        raise BackboneError(
+            f"{path}: weights do not fit {type(model).__name__}: {len(wrong)} tensors of the wrong shape "
+            f"(e.g. {wrong[:2]}) — weights of another size or architecture?"
+        )
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise BackboneError(
             f"{path}: weights do not fit {type(model).__name__}: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected "
             f"(e.g. {result.unexpected_keys[:3]})"
         )
+
+
+def close_names(name: str, names: list[str], n: int = 4) -> list[str]:
+    """Names like ``name``, also by prefix (``vit_smol`` → ``vit_small_patch16_224``), for "did you mean"."""
+    by_prefix: dict[str, list[str]] = {}
+    for c in names:
+        by_prefix.setdefault(c[: len(name)], []).append(c)
+    hits = difflib.get_close_matches(name, names, n=n, cutoff=0.75)
+    for h in difflib.get_close_matches(name, list(by_prefix), n=n, cutoff=0.75):
+        hits.extend(sorted(by_prefix[h], key=len)[:2])
+    return list(dict.fromkeys(hits))[:n]
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache huggingface_hub uses (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/...``)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_snapshot(name: str) -> Path:
+    """The local snapshot folder of ``hf-hub:org/name[@revision]``, from the HF cache only (no network).
+
+    Raises :class:`WeightsNotFoundError` when the model is not in the cache: pathopeft never downloads.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = name[len(HF_HUB_PREFIX) :].partition("@")
+    cache = hf_cache_dir()
+    try:
+        snap = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:  # ValueError: a malformed repo id
+        folder = cache / f"models--{repo_id.replace('/', '--')}"
+        raise WeightsNotFoundError(
+            f"backbone {name!r}: not in the local Hugging Face cache at {folder} (pathopeft never downloads: "
+            f"fetch it beforehand, e.g. `hf download {repo_id}`, or set HF_HUB_CACHE/HF_HOME to the cache "
+            f"that has it)"
+        ) from e
+    if not (snap / "config.json").is_file():
+        raise WeightsNotFoundError(f"backbone {name!r}: the cached snapshot {snap} has no config.json")
+    return snap
+
+
+def model_folder(name: str) -> Path | None:
+    """The local folder holding config + weights of a ``hf-hub:``/``local-dir:`` name; ``None`` for plain names."""
+    if name.startswith(HF_HUB_PREFIX):
+        return hf_snapshot(name)
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX) :])
+        if not (folder / "config.json").is_file():
+            raise WeightsNotFoundError(f"backbone {name!r}: {folder / 'config.json'} not found")
+        return folder
+    return None
+
+
+def _create_timm_model(name: str, pretrained: bool, shown: str | None = None, **model_kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with its name and argument errors turned into :class:`BackboneError` naming ``shown``."""
+    import timm
+
+    source = name.partition(":")[0] if ":" in name else None
+    shown = shown or name
+    if source is None and not timm.is_model(name):
+        if "/" in name:
+            raise BackboneError(f"unknown backbone {name!r}: for a Hugging Face model write 'hf-hub:{name}'")
+        hint = close_names(name, timm.list_models())
+        raise BackboneError(
+            f"unknown timm architecture {name!r}"
+            + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else " (see timm.list_models())")
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
+    except TypeError as e:  # an argument the architecture does not take (``--backbone-kwargs``)
+        raise BackboneError(f"backbone {shown!r}: {e}") from e
+    except RuntimeError as e:
+        if "Unknown model" in str(e):  # a hub config naming an architecture this timm does not have
+            raise BackboneError(f"backbone {shown!r}: unknown timm architecture ({e}); is timm too old?") from e
+        raise BackboneError(f"backbone {shown!r}: timm could not load its weights ({_first_line(e)})") from e
+    except ValueError as e:  # timm's own name checks ("unknown model source 'foo'" …)
+        raise BackboneError(f"backbone {shown!r}: {e}") from e
 
 
 def create_backbone(
@@ -83,12 +245,16 @@ def create_backbone(
     std: tuple[float, float, float] | None = None,
     **model_kwargs: Any,
 ) -> Backbone:
-    """Build ``timm`` model ``name`` as a headless feature extractor, with weights from a local file.
+    """Build ``timm`` model ``name`` as a headless feature extractor, with weights from a local file or cache.
 
     Args:
-        name: any timm architecture (``timm.list_models()``), e.g. ``"vit_small_patch16_224"``.
-        weights: local ``.safetensors``/``.pth`` file. ``None`` means random initialisation, which is logged
-            as a warning because such features are only a lower bound.
+        name: any timm architecture (``timm.list_models()``), e.g. ``"vit_small_patch16_224"``, or
+            ``"hf-hub:org/name[@revision]"``: a timm model in the local Hugging Face cache (config and, without
+            ``weights``, its weights; never downloaded, :class:`BackboneError` if it is not cached), or
+            ``"local-dir:/path"``: the same from a folder.
+        weights: local ``.safetensors``/``.pth`` file. ``None`` means the folder's weights for those names
+            and random initialisation for plain names, which is logged as a warning because such features are
+            only a lower bound.
         mean, std: override the normalisation from timm's default config (e.g. ``(0, 0, 0)``/``(1, 1, 1)``
             for models trained on [0, 1] inputs).
         **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``depth``, …).
@@ -100,18 +266,30 @@ def create_backbone(
     """
     import timm
 
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
-    except RuntimeError as e:
-        raise ValueError(f"unknown timm architecture {name!r} ({e})") from e
-    if weights is not None:
-        load_weights(model, weights)
+    folder = model_folder(name)
+    if folder is not None:
+        local = f"{LOCAL_DIR_PREFIX}{folder}"  # timm's own loader for a folder: config.json + weights, no network
+        if weights is None:  # a hub name means "its weights", never random ones
+            found = next((folder / f for f in HUB_WEIGHTS_FILES if (folder / f).is_file()), None)
+            if found is None:
+                raise WeightsNotFoundError(
+                    f"backbone {name!r}: {folder} has no weights file (looked for {', '.join(HUB_WEIGHTS_FILES)})"
+                )
+            model = _create_timm_model(local, pretrained=True, shown=name, **model_kwargs)
+            weights = found
+        else:
+            model = _create_timm_model(local, pretrained=False, shown=name, **model_kwargs)
+            load_weights(model, weights)
     else:
-        log.warning(
-            "RANDOM WEIGHTS: backbone %r has no --weights; features come from a randomly initialised model "
-            "and are only a lower bound.",
-            name,
-        )
+        model = _create_timm_model(name, pretrained=False, **model_kwargs)
+        if weights is not None:
+            load_weights(model, weights)
+        else:
+            log.warning(
+                "RANDOM WEIGHTS: backbone %r has no --weights; features come from a randomly initialised model "
+                "and are only a lower bound.",
+                name,
+            )
     cfg = timm.data.resolve_model_data_config(model)
     input_size = int(cfg["input_size"][-1])
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)

@@ -372,9 +372,9 @@ class AdapterModel(nn.Module):
 
     def _load_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
         d = Path(model_id)
-        saved = json.loads((d / CONFIG_NAME).read_text()).get("base_model", {})
+        saved = read_json(d / CONFIG_NAME).get("base_model", {})
         check_base_model(self.base_model, self._targets[adapter_name], saved, d)
-        tensors = load_file(d / WEIGHTS_NAME)
+        tensors = read_safetensors(d / WEIGHTS_NAME)
         cfg = self.peft_config[adapter_name]
         tag = f".{cfg.adapter_type}."
         for layer_name, layer in self._layers().items():
@@ -396,26 +396,70 @@ class AdapterModel(nn.Module):
                 params[name].copy_(value)
 
 
+def adapter_config_path(model_id: str | os.PathLike[str]) -> Path:
+    """``model_id/adapter_config.json``, or an :class:`AdapterLoadError` saying which of the two is missing."""
+    d = Path(model_id)
+    if not d.is_dir():
+        raise AdapterLoadError(f"{d}: adapter folder not found" + (" (it is a file)" if d.exists() else ""))
+    path = d / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: no adapter config here (expected a folder written by adapters.save())")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything unreadable is an :class:`AdapterLoadError` naming the file."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(d, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter weights file; missing or corrupt is an :class:`AdapterLoadError` naming it."""
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: adapter weights not found")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError): the file is at fault
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def read_adapter_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
     from pathopeft.adapters.registry import config_class
 
-    path = Path(model_id) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config here (expected the output of save_pretrained)")
-    d = json.loads(path.read_text())
+    path = adapter_config_path(model_id)
+    d = read_json(path)
     if "adapter_type" not in d:
         raise AdapterLoadError(f"{path}: not a pathopeft adapter config (no 'adapter_type'; a PEFT one?)")
-    return config_class(d["adapter_type"]).from_dict(d)
+    try:
+        return config_class(d["adapter_type"]).from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:  # unknown method, unknown or ill-typed fields
+        raise AdapterLoadError(f"{path}: {e.args[0] if e.args else e}") from e
 
 
 def check_base_model(model: nn.Module, targets: list[str], saved: dict[str, Any], where: Path) -> None:
-    """Refuse an adapter made for another architecture or another size, naming both."""
+    """Refuse an adapter made for another architecture or another size: "the base model differs", naming both.
+
+    ``targets`` are the full names of the layers the adapter was made for; when this model lacks some of them
+    it is a different base model too, so that is reported the same way (not as "missing layers").
+    """
     if not saved:
         return
-    arch, fp = architecture_name(model), fingerprint(model, targets)
-    if saved.get("architecture") != arch or saved.get("fingerprint") != fp:
+    modules = dict(model.named_modules())
+    lacking = [t for t in targets if not hasattr(getattr(modules.get(t), "base_layer", modules.get(t)), "weight")]
+    arch = architecture_name(model)
+    fp = None if lacking else fingerprint(model, targets)
+    if lacking or saved.get("architecture") != arch or saved.get("fingerprint") != fp:
+        why = (
+            f"this model lacks {len(lacking)} of its {len(targets)} target layers (e.g. {lacking[:3]})"
+            if lacking
+            else "the targeted layers differ in names or shapes"
+        )
         raise AdapterLoadError(
-            f"{where}: this adapter was made for base model {saved.get('architecture')!r} "
-            f"(fingerprint {saved.get('fingerprint')}), not for this {arch!r} (fingerprint {fp}): "
-            "the targeted layers differ in names or shapes"
+            f"{where}: the base model differs: this adapter was made for base model {saved.get('architecture')!r} "
+            f"(fingerprint {saved.get('fingerprint')}), not for this {arch!r} (fingerprint {fp or 'n/a'}): {why}"
         )

@@ -21,14 +21,16 @@ from typing import Any
 from torch import nn
 
 from pathopeft.adapters.core import (
-    CONFIG_NAME,
+    WEIGHTS_NAME,
     AdapterConfig,
     AdapterLoadError,
     AdapterModel,
     Delta,
+    adapter_config_path,
     architecture_name,
     check_base_model,
     fingerprint,
+    read_json,
 )
 from pathopeft.adapters.owlora import OwloraConfig, OwloraDelta
 from pathopeft.adapters.salt import SaltConfig, SaltDelta
@@ -36,7 +38,7 @@ from pathopeft.adapters.snella import SnellaConfig, SnellaDelta
 from pathopeft.adapters.targets import resolve_targets
 from pathopeft.adapters.wara import WaraConfig, WaraDelta
 
-BASE_INFO_NAME = "pathopeft_base.json"  # beside PEFT's own files: the fingerprint PEFT does not keep
+BASE_INFO_NAME = "pathopeft_base.json"  # beside PEFT's own files: the fingerprint and full targets PEFT does not keep
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,12 @@ def create(
             raise ValueError(f"{name} adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
     config = _peft_config(name, names, rank, alpha, **kwargs)
     pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
-    pm._pathopeft_base = {"architecture": architecture_name(model), "fingerprint": fingerprint(model, names)}
+    # the full target list, because PEFT condenses >= 20 names into suffixes on save (see load)
+    pm._pathopeft_base = {
+        "architecture": architecture_name(model),
+        "fingerprint": fingerprint(model, names),
+        "targets": names,
+    }
     if name == "pissa":
         # PiSSA rewrites the base weights; keep the initial adapter so a save can be converted into a plain
         # LoRA that applies to the *original* base model (PEFT's documented conversion).
@@ -174,27 +181,77 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     return sub
 
 
+def peft_targets(model: nn.Module, directory: Path) -> list[str]:
+    """The module names of ``model`` that PEFT will adapt from ``directory``'s config, in model order.
+
+    Uses PEFT's own matcher (``check_target_module_exists``: exact names, ``.``-suffixes, regexes, excluded
+    modules), so it agrees with ``PeftModel.from_pretrained`` also for the condensed suffix lists PEFT ≥ 0.14
+    writes for ≥ 20 targets (``MIN_TARGET_MODULES_FOR_OPTIMIZATION``).
+    """
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    try:
+        config = peft.PeftConfig.from_pretrained(str(directory))
+    except (TypeError, ValueError, KeyError) as e:
+        raise AdapterLoadError(f"{directory / 'adapter_config.json'}: PEFT cannot read this config ({e})") from e
+    return [n for n, _ in model.named_modules() if n and check_target_module_exists(config, n)]
+
+
+def _check_peft_base(model: nn.Module, d: Path, info: dict[str, Any]) -> None:
+    """Refuse a PEFT adapter whose ``pathopeft_base.json`` says it was made for another base model.
+
+    Why the full target list is stored at save time: PEFT saves ≥ 20 explicit targets as suffixes
+    (``["qkv", "attn.proj"]``), so the saved config alone cannot be compared with module names, and a
+    suffix also matches a wider model. The fingerprint is checked over the stored full names (folders saved
+    before they were stored fall back to what PEFT's matcher selects), and the layers PEFT will actually adapt
+    here must be exactly those names.
+    """
+    matched = peft_targets(model, d)
+    targets = list(info.get("targets") or matched)
+    check_base_model(model, targets, info, d)
+    if set(matched) != set(targets):
+        extra, lacking = sorted(set(matched) - set(targets)), sorted(set(targets) - set(matched))
+        raise AdapterLoadError(
+            f"{d}: the base model differs: PEFT would adapt {len(matched)} layers of this "
+            f"{architecture_name(model)!r}, the adapter was made for {len(targets)} "
+            f"(extra here: {extra[:3]}, not selected here: {lacking[:3]})"
+        )
+
+
 def load(model: nn.Module, directory: str | os.PathLike[str], is_trainable: bool = False) -> nn.Module:
-    """Load an adapter saved by :func:`save` onto a fresh ``model`` (ours or PEFT's, told by the config)."""
+    """Load an adapter saved by :func:`save` onto a fresh ``model`` (ours or PEFT's, told by the config).
+
+    Every bad folder is an :class:`AdapterLoadError` naming the file: missing folder or config, unreadable
+    JSON or weights, an adapter made for another base model.
+    """
     d = Path(directory)
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: no adapter config (expected a folder written by save())")
-    cfg = json.loads(cfg_path.read_text())
+    cfg_path = adapter_config_path(d)
+    cfg = read_json(cfg_path)
     if "adapter_type" in cfg:
         return AdapterModel.from_pretrained(model, d, is_trainable=is_trainable)
     if "peft_type" not in cfg:
         raise AdapterLoadError(f"{cfg_path}: neither a pathopeft nor a PEFT adapter config")
     import peft
 
+    weights = d / WEIGHTS_NAME
+    if weights.is_file():  # PEFT would fail on a corrupt file with safetensors' own message, naming nothing
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError / OSError: the file is at fault
+            raise AdapterLoadError(f"{weights}: not a readable safetensors file ({e})") from e
+    elif not (d / "adapter_model.bin").is_file():
+        raise AdapterLoadError(f"{weights}: adapter weights not found")
     info_path = d / BASE_INFO_NAME
     if info_path.is_file():
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        targets = list(cfg.get("target_modules") or [])
-        missing = [t for t in targets if t not in order]
-        if missing:
-            raise AdapterLoadError(
-                f"{d}: this adapter targets layers that this {architecture_name(model)!r} lacks: {missing[:4]}"
-            )
-        check_base_model(model, sorted(targets, key=order.__getitem__), json.loads(info_path.read_text()), d)
-    return peft.PeftModel.from_pretrained(model, d, is_trainable=is_trainable)
+        _check_peft_base(model, d, read_json(info_path))
+    try:
+        return peft.PeftModel.from_pretrained(model, d, is_trainable=is_trainable)
+    except RuntimeError as e:  # a plain PEFT folder (no pathopeft_base.json) on another model: size mismatch
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise AdapterLoadError(
+            f"{d}: this adapter does not fit this {architecture_name(model)!r} ({' '.join(lines[:2])})"
+        ) from e
