@@ -19,11 +19,11 @@ slide by slide, so :func:`guard_parameters` refuses it up front, naming what dif
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pathopeft.backbones import safe_name
 from pathopeft.errors import UserError
 from pathopeft.io import atomic_write_json
 from pathopeft.wsi import h5io
@@ -66,14 +66,8 @@ class OutputPaths:
         return self.root / "status" / f"{self.slide_id}.json"
 
 
-def safe_component(name: str) -> str:
-    """A file-name-safe form of an encoder name: ``hf-hub:org/name`` → ``org--name`` (the HF cache's own style)."""
-    name = name.split(":", 1)[1] if name.startswith(("hf-hub:", "hf_hub:")) else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "--")).strip("._") or "encoder"
-
-
 def features_dirname(backbone: str | None) -> str | None:
-    return f"features_{safe_component(backbone)}" if backbone else None
+    return f"features_{safe_name(backbone)}" if backbone else None
 
 
 def tiling_params(cfg: BatchConfig) -> dict[str, Any]:

@@ -225,8 +225,9 @@ def test_distributed_two_cpu_processes(slides, tmp_path):
     [
         ("vit_small_patch16_224", "features_vit_small_patch16_224"),
         ("hf-hub:MahmoodLab/UNI", "features_MahmoodLab--UNI"),
-        ("hf_hub:org/name:v2", "features_org--name_v2"),
-        ("../../etc", "features_--..--etc"),  # one harmless component, never a path
+        ("hf-hub:org/name@v2", "features_org--name--v2"),
+        ("local-dir:/models/uni", "features_uni"),
+        ("../../etc", "features_..--..--etc"),  # one harmless component, never a path
     ],
 )
 def test_feature_folder_names_are_safe(name, folder):

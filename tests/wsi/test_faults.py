@@ -331,3 +331,52 @@ def test_kill_9_at_any_moment_then_a_rerun_finishes_every_slide_once(tmp_path):
     assert sorted(redone + list(finished)) == sorted(f"s{k}" for k in range(6))  # exactly once in all
     assert all(_status(out, f"s{k}")["status"] == "done" for k in range(6))
     assert _no_temporaries(out)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("unknown-backbone", "unknown timm architecture 'vit_smol'; did you mean"),
+        ("missing-weights", "nope.safetensors not found (pathopeft never downloads weights"),
+        ("garbage-safetensors", "garbage.safetensors: not a readable safetensors file"),
+        ("garbage-pth", "garbage.pth: not a readable PyTorch checkpoint file"),
+        ("wrong-architecture", "other.safetensors: weights do not fit VisionTransformer"),
+        ("missing-adapter", "no_adapter: adapter folder not found"),
+        ("hf-hub-not-cached", "not in the local Hugging Face cache"),
+    ],
+)
+def test_bad_encoder_options_are_one_line_before_any_slide(slides, tmp_path, capsys, monkeypatch, case, expected):
+    from safetensors.torch import save_file
+
+    from pathopeft.backbones import create_backbone
+
+    tiny = json.dumps({k: v for k, v in TINY_VIT.items() if k != "name"})
+    args = ["--backbone", "vit_tiny_patch16_224", "--backbone-kwargs", tiny]
+    if case == "unknown-backbone":
+        args = ["--backbone", "vit_smol"]
+    elif case == "missing-weights":
+        args += ["--weights", tmp_path / "nope.safetensors"]
+    elif case == "garbage-safetensors":
+        (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+        args += ["--weights", tmp_path / "garbage.safetensors"]
+    elif case == "garbage-pth":
+        (tmp_path / "garbage.pth").write_bytes(b"not a pickle at all")
+        args += ["--weights", tmp_path / "garbage.pth"]
+    elif case == "wrong-architecture":
+        other = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=16, depth=1, embed_dim=48, num_heads=2)
+        save_file(other.model.state_dict(), tmp_path / "other.safetensors")
+        args += ["--weights", tmp_path / "other.safetensors"]
+    elif case == "missing-adapter":
+        args += ["--adapter", tmp_path / "no_adapter"]
+    elif case == "hf-hub-not-cached":
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+        args = ["--backbone", "hf-hub:testorg/absent"]
+    out = tmp_path / "run"
+    rc, err = _cli(capsys, "wsi", "process", "--slides", slides[0].path, "--out", out, "--no-progress", *args)
+    assert rc == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "status").exists()  # refused before any slide was touched
