@@ -320,14 +320,12 @@ def cmd_adapters_count(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_info(args: argparse.Namespace) -> int:
-    cfg = args.adapter_dir / "adapter_config.json"
-    if not cfg.is_file():
-        print(f"error: {cfg}: no adapter config here", file=sys.stderr)
-        return 2
-    print(cfg.read_text().rstrip())
+    from pathopeft.adapters.core import adapter_config_path, read_json
+
+    print(json.dumps(read_json(adapter_config_path(args.adapter_dir)), indent=2))  # AdapterLoadError names the file
     base = args.adapter_dir / "pathopeft_base.json"
     if base.is_file():
-        print(base.read_text().rstrip())
+        print(json.dumps(read_json(base), indent=2))
     return 0
 
 

@@ -142,3 +142,22 @@ def test_mil_run_reports_bad_config(tmp_path, capsys):
     cfg.write_text("manifest: x.csv\nout_dir: o\nstratgy: comel\n")
     assert main(["mil", "run", "--config", str(cfg)]) == 2
     assert "unknown field(s) ['stratgy']" in capsys.readouterr().err
+
+
+def test_adapters_info_on_bad_folders_is_one_line(tmp_path, capsys):
+    assert f"{tmp_path / 'nope'}: adapter folder not found" in _error(
+        capsys, ["adapters", "info", str(tmp_path / "nope")]
+    )
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{broken")
+    assert "adapter_config.json: not a readable JSON file" in _error(capsys, ["adapters", "info", str(tmp_path / "a")])
+
+
+def test_seg_model_with_an_unknown_encoder_or_keyword_is_a_user_error():
+    from pathopeft.errors import UserError
+    from pathopeft.seg.model import SegModel
+
+    with pytest.raises(UserError, match=r"unknown timm architecture 'resnet5O'; did you mean 'resnet50'"):
+        SegModel("resnet5O", n_classes=2)
+    with pytest.raises(UserError, match=r"encoder 'resnet18': .*unexpected keyword argument 'deph'"):
+        SegModel("resnet18", n_classes=2, encoder_kwargs={"deph": 3})

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathopeft.backbones import HEAD_PREFIXES, load_state_dict_file
+from pathopeft.backbones import HEAD_PREFIXES, BackboneError, close_names, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike[str], vit: bo
     unused = sorted(set(sd) - set(mapping.values()))
     wrong = [k for k, src in mapping.items() if sd[src].shape != own[k].shape]
     if missing or wrong or (vit and unused):
-        raise ValueError(
+        raise BackboneError(
             f"{path}: weights do not fit encoder {type(model).__name__}: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(wrong)} of another shape (e.g. {[(k, tuple(sd[mapping[k]].shape), tuple(own[k].shape)) for k in wrong[:2]]}), "
             f"{len(unused) if vit else 0} unexpected (e.g. {unused[:3] if vit else []})"
@@ -265,7 +265,11 @@ class SegModel(nn.Module):
         if n_classes < 2:
             raise ValueError(f"n_classes={n_classes}: softmax segmentation needs background + ≥ 1 class")
         if not timm.is_model(encoder):
-            raise ValueError(f"unknown timm architecture {encoder!r}")
+            hint = close_names(encoder, timm.list_models())
+            raise BackboneError(
+                f"unknown timm architecture {encoder!r}"
+                + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
+            )
         #: constructor arguments, JSON-friendly: the module's hparams, so a checkpoint rebuilds this model
         self.config: dict[str, Any] = {
             "encoder": encoder,
@@ -286,8 +290,11 @@ class SegModel(nn.Module):
         self.n_classes = n_classes
         enc_kw = dict(encoder_kwargs or {})
         probe_kw = {k: v for k, v in enc_kw.items() if k not in FEATURES_ONLY_KWARGS}
-        with torch.device("meta"):  # no memory, no init cost: only to tell the family apart
-            probe = timm.create_model(encoder, pretrained=False, num_classes=0, **probe_kw)
+        try:
+            with torch.device("meta"):  # no memory, no init cost: only to tell the family apart
+                probe = timm.create_model(encoder, pretrained=False, num_classes=0, **probe_kw)
+        except TypeError as e:  # a keyword the architecture does not take (a typo in encoder_kwargs)
+            raise BackboneError(f"encoder {encoder!r}: {e}") from None
         self.is_vit = is_vit_like(probe)
 
         with _seeded(None if weights is not None else init_seed):
