@@ -18,12 +18,19 @@ task id selects the classes, and for adapter strategies the adapters up to that 
 After every task the runner writes ``task_<t>/net.pt`` (the whole net, for resuming), the adapters as
 safetensors (``task_<t>/adapters``) and ``state.json`` (atomically); a rerun resumes after the last finished
 task. Results: ``results.csv``, ``results.md``, ``R_<strategy>.png`` and per-slide heatmaps.
+
+Before any training every bag of the configured tasks is checked once (:func:`prepare_bags`): a bad file
+stops the run in seconds with one line naming it; bags with 0 tiles are skipped and listed in
+``skipped_bags.csv`` and ``state.json``. A task that trains into NaN/Inf is never saved, so a rerun resumes
+after the last good task.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -38,9 +45,19 @@ import torch
 
 from pathopeft import adapters
 from pathopeft.adapters.owlora import collect_inputs, next_task, protect_current, set_active_tasks
+from pathopeft.errors import UserError
 from pathopeft.mil import metrics
 from pathopeft.mil.bppl import BPPLConfig
-from pathopeft.mil.data import BagDataModule, BagDataset, BagRecord, load_bag, read_bag_manifest
+from pathopeft.mil.data import (
+    BagDataModule,
+    BagDataset,
+    BagManifestError,
+    BagRecord,
+    SkippedBag,
+    load_bag,
+    read_bag_manifest,
+    validate_bags,
+)
 from pathopeft.mil.module import ContinualMILModule, MILNet, fisher_diagonal, predict_bag
 
 log = logging.getLogger(__name__)
@@ -50,6 +67,15 @@ ADAPTER_STRATEGIES = ("comel", "owlora", "lora")
 
 class InjectedCrash(RuntimeError):
     """Raised by ``crash_after_task`` (tests of resume)."""
+
+
+class ContinualError(UserError, ValueError):
+    """A run that cannot start as configured (config file, out_dir); the message names the file."""
+
+
+class NonFiniteTrainingError(UserError, RuntimeError):
+    """A task trained into NaN/Inf (loss, weights or accuracy): it is not saved, so earlier tasks stay the
+    resume point instead of a poisoned checkpoint."""
 
 
 @dataclass
@@ -122,6 +148,69 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _non_finite(net: torch.nn.Module) -> str | None:
+    """The first parameter (or floating buffer) of ``net`` holding NaN/Inf, described; None if all finite."""
+    tensors = [("parameter", n, p) for n, p in net.named_parameters()]
+    tensors += [("buffer", n, b) for n, b in net.named_buffers() if b.is_floating_point()]
+    for kind, name, x in tensors:
+        bad = int((~torch.isfinite(x.detach())).sum())
+        if bad:
+            return f"{kind} {name} holds {bad} non-finite value(s) of {x.numel()}"
+    return None
+
+
+@dataclass
+class PreparedBags:
+    """The checked bags of a run: those kept, those skipped (with reasons) and their feature dimension."""
+
+    records: list[BagRecord]
+    skipped: list[SkippedBag]
+    in_dim: int
+
+
+def prepare_bags(cfg: ContinualConfig) -> PreparedBags:
+    """Read the manifest and check every bag of the configured tasks before any training, so a bad bag or
+    a task without training bags fails in seconds with one line, not mid-run (or silently)."""
+    manifest = Path(cfg.manifest)
+    records = read_bag_manifest(manifest)
+    unused = [r for r in records if r.task not in cfg.tasks]
+    if unused:  # legitimate (a run on a subset of tasks), but say so: a typo in a task name looks the same
+        log.warning(
+            "%s: %d row(s) of task(s) %s not in the config's tasks %s; they are not used",
+            manifest, len(unused), sorted({r.task for r in unused}), list(cfg.tasks),
+        )  # fmt: skip
+    used = [r for r in records if r.task in cfg.tasks]
+    no_rows = [t for t in cfg.tasks if not any(r.task == t and r.split == "train" for r in used)]
+    if no_rows:
+        raise BagManifestError(f"{manifest}: no training bags for task(s) {no_rows} (no rows with split 'train')")
+    kept, skipped, in_dim = validate_bags(used, cfg.classes)
+    emptied = [t for t in cfg.tasks if not any(r.task == t and r.split == "train" for r in kept)]
+    if emptied:
+        n = sum(s.record.task in emptied and s.record.split == "train" for s in skipped)
+        raise BagManifestError(
+            f"{manifest}: no training bags for task(s) {emptied}: all {n} skipped as empty bags (0 tiles)"
+        )
+    for t in cfg.tasks:
+        if not any(r.task == t and r.split == "test" for r in kept):
+            log.warning("%s: task %r has no test bags; its accuracy will read 0", manifest, t)
+    return PreparedBags(kept, skipped, in_dim)
+
+
+def _write_skipped(path: Path, skipped: list[SkippedBag]) -> None:
+    """``skipped_bags.csv`` beside the results when bags were skipped (a stale one is removed otherwise)."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "path", "task", "split", "manifest_line", "reason"])
+        for s in skipped:
+            r = s.record
+            w.writerow([r.slide_id, r.path, r.task, r.split, f"{r.manifest}:{r.line}" if r.manifest else "", s.reason])
+    os.replace(tmp, path)
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -129,15 +218,14 @@ def _seed(seed: int) -> None:
 
 
 class ContinualRunner:
-    def __init__(self, cfg: ContinualConfig) -> None:
+    def __init__(self, cfg: ContinualConfig, bags: PreparedBags | None = None) -> None:
+        """``bags``: already checked bags of the same manifest/tasks/classes (``compare`` checks them once)."""
         self.cfg = cfg
+        bags = bags or prepare_bags(cfg)  # before the output folder exists: a bad bag leaves nothing behind
+        self.records, self.skipped, self.in_dim = bags.records, bags.skipped, bags.in_dim
         self.root = Path(cfg.out_dir) / f"{cfg.strategy}-{cfg.setting}"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.records = read_bag_manifest(cfg.manifest)
-        missing = [t for t in cfg.tasks if not any(r.task == t for r in self.records)]
-        if missing:
-            raise ValueError(f"{cfg.manifest}: no bags for task(s) {missing}")
-        self.in_dim = load_bag(self.records[0].path)["features"].shape[1]
+        _write_skipped(self.root / "skipped_bags.csv", self.skipped)
         self.state_path = self.root / "state.json"
 
     # --- state -----------------------------------------------------------------------------------------
@@ -145,7 +233,7 @@ class ContinualRunner:
         if self.state_path.is_file():
             state = json.loads(self.state_path.read_text())
             if state.get("config") != asdict(self.cfg):
-                raise ValueError(f"{self.state_path}: written by a different configuration; use another out_dir")
+                raise ContinualError(f"{self.state_path}: written by a different configuration; use another out_dir")
             return state
         return {"config": asdict(self.cfg), "done": 0, "R": [], "I": [], "train_time_s": 0.0, "peak_rss_mib": 0.0}
 
@@ -229,8 +317,17 @@ class ContinualRunner:
         state = self._load_state()
         _seed(cfg.seed)
         n_tasks = 1 if cfg.strategy == "joint" else len(cfg.tasks)
+        state["skipped_bags"] = [
+            {"slide_id": s.record.slide_id, "path": str(s.record.path), "reason": s.reason} for s in self.skipped
+        ]
         if state["done"]:
-            net = torch.load(self.root / f"task_{state['done'] - 1}" / "net.pt", weights_only=False)
+            ckpt = self.root / f"task_{state['done'] - 1}" / "net.pt"
+            net = torch.load(ckpt, weights_only=False)
+            bad = _non_finite(net)
+            if bad:  # written before non-finite tasks were refused: resuming would carry the NaNs on
+                raise NonFiniteTrainingError(
+                    f"{ckpt}: {bad} (saved before non-finite tasks were refused); delete {self.root} and rerun"
+                )
             log.info("resuming %s after task %d", self.root, state["done"])
         else:
             net = MILNet(cfg.model, self.in_dim, len(cfg.classes), **cfg.model_kwargs)
@@ -262,6 +359,7 @@ class ContinualRunner:
             trainer.fit(module, dm)
             state["train_time_s"] += time.perf_counter() - t0
             accs, aucs = self.evaluate(net, t)
+            self._check_finite(t, tasks, trainer, net, accs)
             state["R"].append(accs)
             state["I"].append(aucs)
             state["peak_rss_mib"] = max(
@@ -280,6 +378,28 @@ class ContinualRunner:
                 raise InjectedCrash(f"injected crash after task {t}")
         self._report(net, state)
         return state
+
+    def _check_finite(
+        self, t: int, tasks: list[str], trainer: pl.Trainer, net: torch.nn.Module, accs: list[float]
+    ) -> None:
+        """Refuse to mark task ``t`` done when its loss, weights or accuracies are NaN/Inf: a saved NaN net
+        would be resumed from and every later task would train on it. (Instance AUCs may be NaN: no labels.)"""
+        reason = None
+        for key, value in sorted(trainer.callback_metrics.items()):
+            v = float(value)
+            if key.startswith("train/") and not math.isfinite(v):
+                reason = f"training loss {key} is {v}"
+                break
+        reason = reason or _non_finite(net)
+        if reason is None:
+            bad = [j for j, a in enumerate(accs) if not math.isfinite(a)]
+            reason = f"accuracy on task(s) {bad} is not finite" if bad else None
+        if reason:
+            resume = f"a rerun resumes after task {t - 1}" if t else "nothing was saved"
+            raise NonFiniteTrainingError(
+                f"task {t} ({'+'.join(tasks)!r}), strategy {self.cfg.strategy}: {reason}; the task was not saved "
+                f"(check the bags' features and the learning rate {self.cfg.lr}); {resume}"
+            )
 
     def _matrix(self, rows: list[list[float]]) -> np.ndarray:
         t = len(self.cfg.tasks)
@@ -316,7 +436,7 @@ class ContinualRunner:
                 set_active_tasks(net, self._active_tasks(j))
             plotted = 0
             for rec in self._bags(task, "test"):
-                bag = load_bag(rec.path)
+                bag = load_bag(rec.path, rec.slide_id)
                 scores = self._tile_scores(predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign)))
                 labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
                 rows.append((rec.slide_id, bag["coords"].numpy(), scores.numpy(), labels))
@@ -368,25 +488,37 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> ContinualConf
     import yaml
 
     p = Path(path)
-    data = yaml.safe_load(p.read_text()) or {}
+    if not p.is_file():
+        raise ContinualError(f"{p}: config not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ContinualError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from e
     if not isinstance(data, dict):
-        raise TypeError(f"{p}: expected a mapping of ContinualConfig fields")
+        raise ContinualError(f"{p}: expected a mapping of ContinualConfig fields")
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = set(ContinualConfig.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{p}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return ContinualConfig(**data)
+        raise ContinualError(f"{p}: unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return ContinualConfig(**data)
+    except ValueError as e:
+        raise ContinualError(f"{p}: {e}") from e
 
 
 def compare(
     cfg: ContinualConfig, strategies: list[str], out: str | os.PathLike[str] | None = None
 ) -> metrics.ContinualReport:
     """Run several strategies on the same data/seed/setting and gather them in one report."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ContinualError(f"strategies {unknown} unknown; choose from {list(STRATEGIES)}")
     report = metrics.ContinualReport(task_names=list(cfg.tasks))
+    bags = prepare_bags(cfg)  # once for all strategies, before the first one trains
     for strategy in strategies:
         run_cfg = ContinualConfig(**{**asdict(cfg), "strategy": strategy})
-        runner = ContinualRunner(run_cfg)
+        runner = ContinualRunner(run_cfg, bags)
         state = runner.run()
         report.add(
             strategy, runner._matrix(state["R"]), instance_auc=runner._matrix(state["I"]),

@@ -12,6 +12,7 @@ because nothing is padded to the largest bag. A ``instance_labels`` dataset in t
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from pathopeft.errors import UserError
 
+log = logging.getLogger(__name__)
+
 REQUIRED = ("slide_id", "path", "label", "task", "split")
+SPLITS = ("train", "val", "test")
+_CHUNK_ROWS = 65536  # rows of features read at a time by the finiteness check (bounded memory on huge bags)
 
 
 class BagManifestError(UserError, ValueError):
-    """A manifest that cannot be used: the message names the file and line."""
+    """A manifest or bag that cannot be used: the message names the file (and manifest line)."""
 
 
 @dataclass
@@ -41,24 +46,48 @@ class BagRecord:
     split: str
     thumbnail: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    manifest: Path | None = None  # where the row came from, so errors about the bag can name it
+    line: int | None = None
+
+    def where(self) -> str:
+        """``bag <id>, manifest <csv>:<line>`` (or just the bag) for error messages about this bag."""
+        return f"bag {self.slide_id}" + (f", manifest {self.manifest}:{self.line}" if self.manifest else "")
+
+
+@dataclass
+class SkippedBag:
+    """A bag left out of the run up front (e.g. a slide without tissue), with the reason."""
+
+    record: BagRecord
+    reason: str
 
 
 def read_bag_manifest(path: str | Path) -> list[BagRecord]:
-    """Parse and check a bag manifest (missing columns, duplicate ids, missing files: one clear error)."""
+    """Parse and check a bag manifest (missing columns, empty fields, unknown splits, duplicate ids, missing
+    files): every problem is one clear error naming file and line, so no row is silently dropped later."""
     path = Path(path)
     if not path.is_file():
         raise BagManifestError(f"{path}: manifest not found")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise BagManifestError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
-        records, seen = [], set()
-        for line, row in enumerate(reader, start=2):
-            sid = row["slide_id"].strip()
+        records: list[BagRecord] = []
+        seen: dict[str, int] = {}
+        for line, raw in enumerate(reader, start=2):
+            row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
+            for col in REQUIRED:
+                if not row[col]:
+                    raise BagManifestError(f"{path}:{line}: empty {col}")
+            sid, split = row["slide_id"], row["split"].lower()
+            if split not in SPLITS:
+                raise BagManifestError(f"{path}:{line}: split {row['split']!r} is not one of {list(SPLITS)}")
             if sid in seen:
-                raise BagManifestError(f"{path}:{line}: duplicate slide_id {sid!r}")
-            seen.add(sid)
+                raise BagManifestError(f"{path}:{line}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
+            seen[sid] = line
             h5 = (path.parent / row["path"]).resolve()
             if not h5.is_file():
                 raise BagManifestError(f"{path}:{line}: feature file {h5} not found")
@@ -66,20 +95,108 @@ def read_bag_manifest(path: str | Path) -> list[BagRecord]:
             extra = {k: v for k, v in row.items() if k not in (*REQUIRED, "thumbnail")}
             records.append(
                 BagRecord(
-                    sid,
-                    h5,
-                    row["label"].strip(),
-                    row["task"].strip(),
-                    row["split"].strip(),
-                    (path.parent / thumb).resolve() if thumb else None,
-                    extra,
+                    sid, h5, row["label"], row["task"], split, (path.parent / thumb).resolve() if thumb else None,
+                    extra, manifest=path, line=line,
                 )
-            )
+            )  # fmt: skip
+    if not records:
+        raise BagManifestError(f"{path}: manifest has no rows")
     return records
 
 
-def load_bag(path: Path) -> dict[str, Any]:
-    """Features, coords and (if present) instance labels of one H5 file."""
+def _non_finite(ds: h5py.Dataset) -> tuple[int, int | None]:
+    """(number of NaN/Inf values, first row holding one) of a 2-D dataset, read in chunks of rows."""
+    count, first = 0, None
+    for start in range(0, ds.shape[0], _CHUNK_ROWS):
+        bad = ~np.isfinite(ds[start : start + _CHUNK_ROWS])
+        n = int(bad.sum())
+        if n:
+            count += n
+            if first is None:
+                first = start + int(np.flatnonzero(bad.any(axis=1))[0])
+    return count, first
+
+
+def _check_bag(f: h5py.File, rec: BagRecord) -> tuple[int, int]:
+    """(N, D) of one open bag file, or a :class:`BagManifestError` naming the problem."""
+
+    def bad(problem: str) -> BagManifestError:
+        return BagManifestError(f"{rec.path}: {problem} ({rec.where()})")
+
+    feats = f.get("features")
+    if not isinstance(feats, h5py.Dataset):
+        raise bad("no 'features' dataset" + (f" (has {sorted(f)})" if len(f) else " (file is empty)"))
+    if feats.ndim != 2:
+        raise bad(f"features of shape {feats.shape} are not (N, D)")
+    if not np.issubdtype(feats.dtype, np.number):
+        raise bad(f"features of dtype {feats.dtype} are not numbers")
+    n, d = feats.shape
+    if d == 0:
+        raise bad(f"features of shape {feats.shape} have no columns")
+    for name in ("coords", "instance_labels"):
+        other = f.get(name)
+        if other is None:
+            continue
+        if not isinstance(other, h5py.Dataset):
+            raise bad(f"{name!r} is not a dataset")
+        rows = other.shape[0] if other.ndim else 0
+        if rows != n:
+            raise bad(f"{name} has {rows} rows but features has {n}")
+        if name == "coords" and (other.ndim != 2 or other.shape[1] != 2):
+            raise bad(f"coords of shape {other.shape} are not (N, 2)")
+    if n:
+        count, first = _non_finite(feats)
+        if count:
+            raise bad(f"features hold {count} non-finite value(s) (NaN/Inf), first at row {first}")
+    return n, d
+
+
+def validate_bags(
+    records: Sequence[BagRecord], classes: Sequence[str]
+) -> tuple[list[BagRecord], list[SkippedBag], int]:
+    """Check every bag of a run once, before any training, so a bad file fails in seconds with one line
+    instead of a traceback (or NaN weights) hours in. Opens each H5 once and reads shapes, plus the features
+    for a finiteness check. Returns ``(kept, skipped, D)``: bags with 0 tiles (the WSI stage writes (0, D)
+    files for slides without tissue) are skipped with a warning; everything else wrong is an error, and all
+    kept bags must share one feature dimension D."""
+    known = set(classes)
+    kept: list[BagRecord] = []
+    skipped: list[SkippedBag] = []
+    first: tuple[BagRecord, int] | None = None
+    for rec in records:
+        if rec.label not in known:
+            where = f"{rec.manifest}:{rec.line}" if rec.manifest else str(rec.path)
+            raise BagManifestError(
+                f"{where}: label {rec.label!r} of bag {rec.slide_id} is not one of the classes {list(classes)}"
+            )
+        if not rec.path.is_file():
+            raise BagManifestError(f"{rec.path}: feature file not found ({rec.where()})")
+        try:
+            with h5py.File(rec.path, "r") as f:
+                n, d = _check_bag(f, rec)
+        except OSError as e:
+            detail = " ".join(str(e).split())  # one line, whatever HDF5 says
+            raise BagManifestError(f"{rec.path}: not a readable HDF5 file: {detail} ({rec.where()})") from e
+        if n == 0:
+            reason = "empty bag (0 tiles; e.g. a slide without tissue)"
+            log.warning("skipping %s: %s (%s)", rec.path, reason, rec.where())
+            skipped.append(SkippedBag(rec, reason))
+            continue
+        if first is None:
+            first = (rec, d)
+        elif d != first[1]:
+            raise BagManifestError(
+                f"{rec.path}: feature dimension {d} differs from {first[1]} of bag {first[0].slide_id} "
+                f"({first[0].path}); all bags of a run need one dimension ({rec.where()})"
+            )
+        kept.append(rec)
+    return kept, skipped, (first[1] if first else 0)
+
+
+def load_bag(path: Path, slide_id: str | None = None) -> dict[str, Any]:
+    """Features, coords and (if present) instance labels of one H5 file. Non-finite features are refused
+    here too (not only by :func:`validate_bags`): one NaN tile turns every weight NaN after one step."""
+    who = f" (bag {slide_id})" if slide_id else ""
     try:
         with h5py.File(path, "r") as f:
             feats = torch.from_numpy(np.asarray(f["features"][:], dtype=np.float32))
@@ -94,8 +211,14 @@ def load_bag(path: Path) -> dict[str, Any]:
                 else None
             )
             tile = float(f["coords"].attrs.get("patch_size_level0", 224)) if "coords" in f else 224.0
-    except (OSError, KeyError) as e:
-        raise OSError(f"{path}: not a readable feature file ({e})") from e
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise BagManifestError(f"{path}: not a readable feature file ({e}){who}") from e
+    finite = torch.isfinite(feats)
+    if not bool(finite.all()):
+        row = int(torch.nonzero(~finite.all(dim=1))[0])
+        raise BagManifestError(
+            f"{path}: features hold {int((~finite).sum())} non-finite value(s) (NaN/Inf), first at row {row}{who}"
+        )
     return {"features": feats, "coords": coords, "instance_labels": inst, "tile_size_l0": tile}
 
 
@@ -114,7 +237,7 @@ class BagDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        item = load_bag(r.path)
+        item = load_bag(r.path, r.slide_id)
         item.update(label=self.class_index[r.label], task=r.task, slide_id=r.slide_id)
         return item
 
