@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pathopeft.errors import UserError
+from pathopeft.manifest import ManifestError, check_choice, check_unique, read_rows
 
 MaskMode = Literal["binary", "index"]
 Strength = Literal["default", "light", "none"]
@@ -63,7 +63,7 @@ _REFLECT = cv2.BORDER_REFLECT_101
 _DECODE_ERRORS = (OSError, ValueError, IndexError, KeyError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-class SegDataError(UserError, ValueError):
+class SegDataError(ManifestError):
     """Segmentation data that cannot be used; the message names the file (and manifest line) at fault."""
 
 
@@ -91,54 +91,26 @@ class SegRecord:
 # --------------------------------------------------------------------------------------------- manifests
 
 
-def _resolve(csv_path: Path, raw: str) -> Path:
-    # abspath/normpath rather than resolve(): the same lexical rule os.path.relpath used to write the CSV.
-    if os.path.isabs(raw):
-        return Path(os.path.normpath(raw))
-    return Path(os.path.normpath(os.path.join(os.path.abspath(csv_path.parent), raw)))
-
-
 def read_seg_manifest(path: str | os.PathLike[str]) -> list[SegRecord]:
     """Parse and check a segmentation manifest; every problem is one clear error naming file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise SegDataError(f"{p}: manifest not found")
+    rows = read_rows(path, REQUIRED, optional=("id", "group"), error=SegDataError)
     records: list[SegRecord] = []
-    seen: dict[str, int] = {}
-    with p.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise SegDataError(
-                f"{p}: missing column(s) {missing}; header is {header}, need {list(REQUIRED)} (optional: id, group)"
-            )
-        for line, raw_row in enumerate(reader, start=2):
-            row = {k: (v or "").strip() for k, v in raw_row.items() if k is not None}
-            for col in REQUIRED:
-                if not row[col]:
-                    raise SegDataError(f"{p}:{line}: empty {col}")
-            split = row["split"].lower()
-            if split not in SPLITS:
-                raise SegDataError(f"{p}:{line}: split {row['split']!r} is not one of {list(SPLITS)}")
-            files = {}
-            for kind, suffixes in (("image", IMAGE_SUFFIXES), ("mask", MASK_SUFFIXES)):
-                file = _resolve(p, row[kind])
-                if not file.is_file():
-                    raise SegDataError(f"{p}:{line}: {kind} file {file} not found")
-                if file.suffix.lower() not in suffixes:
-                    raise SegDataError(f"{p}:{line}: {kind} file {file} must be one of {list(suffixes)}")
-                files[kind] = file
-            rid = row.get("id") or files["image"].stem
-            if rid in seen:
-                raise SegDataError(f"{p}:{line}: duplicate id {rid!r} (first on line {seen[rid]})")
-            seen[rid] = line
-            extra = {k: v for k, v in row.items() if k not in (*REQUIRED, "id", "group")}
-            group = row.get("group") or None
-            records.append(SegRecord(rid, files["image"], files["mask"], split, group, extra, p, line))
-    if not records:
-        raise SegDataError(f"{p}: manifest has no rows")
+    for row in rows:
+        split = check_choice(row, "split", SPLITS, SegDataError)
+        files = {}
+        for kind, suffixes in (("image", IMAGE_SUFFIXES), ("mask", MASK_SUFFIXES)):
+            file = row.path(kind)
+            if not file.is_file():
+                raise SegDataError(f"{row.where}: {kind} file {file} not found")
+            if file.suffix.lower() not in suffixes:
+                raise SegDataError(f"{row.where}: {kind} file {file} must be one of {list(suffixes)}")
+            files[kind] = file
+        extra = {k: v for k, v in row.values.items() if k not in (*REQUIRED, "id", "group")}
+        rid = row.get("id") or files["image"].stem
+        records.append(
+            SegRecord(rid, files["image"], files["mask"], split, row.get("group"), extra, row.manifest, row.line)
+        )
+    check_unique(rows, "id", [r.id for r in records], SegDataError)
     return records
 
 

@@ -5,14 +5,13 @@ Library code takes these dataclasses; the CLI and YAML files only fill them in.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pathopeft.errors import UserError
+from pathopeft.manifest import ManifestError, check_unique, read_rows
 from pathopeft.wsi.resolution import mag_to_mpp
 
 
@@ -131,46 +130,24 @@ class SlideEntry:
     task: str | None = None
 
 
-class ManifestError(UserError, ValueError):
-    """The manifest is malformed; the message names the file, the row and the problem."""
-
-
 def read_manifest(path: str | os.PathLike[str]) -> list[SlideEntry]:
     """Read ``slide_id,path[,mpp][,label][,task]`` rows (extra columns are ignored)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ManifestError(f"{p}: manifest not found")
-    with p.open(newline="") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        missing = {"slide_id", "path"} - cols
-        if missing:
-            raise ManifestError(f"{p}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}")
-        entries, seen = [], set()
-        for line, row in enumerate(reader, start=2):
-            sid = (row.get("slide_id") or "").strip()
-            if not sid:
-                raise ManifestError(f"{p}:{line}: empty slide_id")
-            if sid in seen:
-                raise ManifestError(f"{p}:{line}: duplicate slide_id {sid!r}")
-            if any(c in sid for c in "/\\") or sid.startswith("."):
-                raise ManifestError(f"{p}:{line}: slide_id {sid!r} must be a plain file name")
-            seen.add(sid)
-            slide_path = Path((row.get("path") or "").strip())
-            if not str(slide_path):
-                raise ManifestError(f"{p}:{line}: empty path for {sid!r}")
-            if not slide_path.is_absolute():
-                slide_path = (p.parent / slide_path).resolve()
-            mpp = None
-            raw = (row.get("mpp") or "").strip()
-            if raw:
-                try:
-                    mpp = float(raw)
-                except ValueError:
-                    raise ManifestError(f"{p}:{line}: mpp {raw!r} is not a number") from None
-                if not (mpp > 0 and math.isfinite(mpp)):
-                    raise ManifestError(f"{p}:{line}: mpp must be > 0, got {raw}")
-            entries.append(SlideEntry(sid, slide_path, mpp, (row.get("label") or None), (row.get("task") or None)))
+    rows = read_rows(path, ("slide_id", "path"), optional=("mpp", "label", "task"))
+    ids = [r["slide_id"] for r in rows]
+    check_unique(rows, "slide_id", ids, ManifestError)
+    entries = []
+    for row, sid in zip(rows, ids, strict=True):
+        if any(c in sid for c in "/\\") or sid.startswith("."):
+            raise ManifestError(f"{row.where}: slide_id {sid!r} must be a plain file name")
+        mpp = None
+        if raw := row["mpp"]:
+            try:
+                mpp = float(raw)
+            except ValueError:
+                raise ManifestError(f"{row.where}: mpp {raw!r} is not a number") from None
+            if not (mpp > 0 and math.isfinite(mpp)):
+                raise ManifestError(f"{row.where}: mpp must be > 0, got {raw}")
+        entries.append(SlideEntry(sid, Path(row.path("path")), mpp, row.get("label"), row.get("task")))
     return entries
 
 
