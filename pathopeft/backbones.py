@@ -87,6 +87,41 @@ class Backbone:
         std = torch.tensor(self.std, device=x_uint8.device).view(1, 3, 1, 1)
         return (x_uint8.float().div_(255.0) - mean) / std
 
+    def preprocess(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) tiles of any size → the model's input: standardised, resized to ``input_size``."""
+        x = self.normalize(x_uint8)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = torch.nn.functional.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return x
+
+    @torch.inference_mode()
+    def embed(self, x_uint8: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+        """Features (B, dim) float32 of uint8 (B, 3, H, W) tiles: the one tile → feature path of every stage.
+
+        Runs on the model's device; on CUDA with channels-last and ``precision`` autocast (see
+        :func:`autocast_context`).
+        """
+        device = next(self.model.parameters()).device
+        x = self.preprocess(x_uint8.to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, precision):
+            return self.model(x).float()
+
+
+def autocast_context(device: torch.device, precision: str) -> object:
+    """bf16/fp16 autocast on CUDA when asked (``"auto"`` picks bf16 if supported); fp32 elsewhere."""
+    from contextlib import nullcontext
+
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast("cuda", dtype=dtype)
+
 
 def _first_line(e: BaseException) -> str:
     """The informative line of a library error (torch's weights-only refusal puts it after a preamble)."""

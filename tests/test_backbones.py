@@ -314,3 +314,21 @@ def test_corrupt_adapter_files_are_named(tmp_path, method, broken):
     (tmp_path / "ad" / broken).write_bytes(b"{\x00 not what it should be")
     with pytest.raises(adapters.AdapterLoadError, match=re.escape(str(tmp_path / "ad" / broken)) + ": "):
         apply_adapter(tiny_backbone(), tmp_path / "ad")
+
+
+def test_embed_is_normalise_resize_forward():
+    """Backbone.embed is the one tile → feature path (WSI extraction and bag building both use it)."""
+    import torch
+
+    from tests._tiny import tiny_backbone
+
+    bb = tiny_backbone()
+    tiles = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)  # not the 32-px input size
+    x = bb.normalize(tiles)
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.inference_mode():
+        expected = bb.model(x)
+    got = bb.embed(tiles)
+    assert got.shape == (3, bb.dim)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)

@@ -3,7 +3,7 @@
 The slide is opened *inside each worker* on first use (OpenSlide handles must not cross a fork and a
 worker that hits a decode error reopens its own handle), tiles are read at the level chosen for the target
 mpp and resized once on the CPU, and normalisation, resizing to the model's input size, channels-last and
-mixed precision happen on the device in whole batches.
+mixed precision happen on the device in whole batches, in :meth:`pathopeft.backbones.Backbone.embed`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -80,16 +79,6 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.array(tile, copy=True)).permute(2, 0, 1), idx, True
 
 
-def autocast_context(device: torch.device, precision: str) -> object:
-    """bf16/fp16 autocast on CUDA when asked (``"auto"`` picks bf16 if supported); fp32 elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast("cuda", dtype=dtype)
-
-
 @torch.inference_mode()
 def extract_features(
     slide_path: str | os.PathLike[str],
@@ -121,9 +110,9 @@ def extract_features(
     n = len(grid)
     if n == 0:
         return np.zeros((0, backbone.dim), dtype=np.float32), np.zeros((0, 2), dtype=np.int64)
-    model = backbone.model.to(device).eval()
+    backbone.model.to(device).eval()  # Module.to is in place: embed() runs on the model's device
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        backbone.model.to(memory_format=torch.channels_last)
     loader = DataLoader(
         TileDataset(slide_path, grid, skip_bad_tiles=skip_bad_tiles),
         batch_size=batch_size,
@@ -135,21 +124,7 @@ def extract_features(
     feats = np.zeros((n, backbone.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     for tiles, idx, valid in loader:
-        x = tiles.to(device, non_blocking=True)
-        x = backbone.normalize(x)
-        if x.shape[-1] != backbone.input_size:
-            x = torch.nn.functional.interpolate(
-                x,
-                size=(backbone.input_size, backbone.input_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, precision):
-            out = model(x)
-        feats[idx.numpy()] = out.float().cpu().numpy()
+        feats[idx.numpy()] = backbone.embed(tiles, precision).cpu().numpy()
         ok[idx.numpy()] = valid.numpy()
         if on_batch is not None:
             on_batch(len(idx))
