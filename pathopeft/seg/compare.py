@@ -28,6 +28,7 @@ import yaml
 from pathopeft.errors import UserError
 from pathopeft.memory import peak_mib, start_peak
 from pathopeft.seg.data import SegDataModule, SegDataset
+from pathopeft.seg.metrics import DiceIoU
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule
 from pathopeft.seg.predict import predict_image
@@ -113,21 +114,12 @@ def predict_full(model: SegModel, ds: SegDataset, batch: int, device: str = "cpu
     return {i: predict_image(model, ds.load(i)[0], ds.crop, ds.stride, batch) for i in range(len(ds.records))}
 
 
-def dice_iou(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> tuple[float, float]:
-    """Mean over foreground classes of Dice and IoU for one image (classes absent in both count as 1)."""
-    dices, ious = [], []
-    for c in range(1, n_classes):
-        p, g = pred == c, target == c
-        inter, total, union = (p & g).sum().item(), p.sum().item() + g.sum().item(), (p | g).sum().item()
-        dices.append(1.0 if total == 0 else 2 * inter / total)
-        ious.append(1.0 if union == 0 else inter / union)
-    return float(np.mean(dices)), float(np.mean(ious))
-
-
 def score(model: SegModel, ds: SegDataset, cfg: CompareConfig) -> tuple[float, float, dict[int, torch.Tensor]]:
     probs = predict_full(model, ds, cfg.eval_batch)
-    d, j = zip(*(dice_iou(p.argmax(0), ds.full_mask(i), cfg.n_classes) for i, p in probs.items()), strict=True)
-    return float(np.mean(d)), float(np.mean(j)), probs
+    scores = DiceIoU(cfg.n_classes)  # per whole image, then the mean over images
+    for i, p in probs.items():
+        scores.update(p.argmax(0), ds.full_mask(i))
+    return (*scores.compute(), probs)
 
 
 def fit_one(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataModule) -> dict[str, Any]:

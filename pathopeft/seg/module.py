@@ -1,8 +1,9 @@
 """``SegModule``: Lightning training of a :class:`~pathopeft.seg.model.SegModel` on image/mask tiles.
 
 Batches are dicts with ``image`` float (B, 3, H, W) in [0, 1] and ``mask`` int64 (B, H, W); the model
-normalises. Loss: MONAI ``DiceCELoss`` or ``DiceFocalLoss`` on softmax outputs. Validation: MONAI Dice and
-IoU of the argmax prediction, foreground classes only, per tile (full-slide stitching is the predictor's job).
+normalises. Loss: MONAI ``DiceCELoss`` or ``DiceFocalLoss`` on softmax outputs. Validation: Dice and
+IoU of the argmax prediction per tile, by the one convention of :mod:`pathopeft.seg.metrics` (foreground
+classes; a class absent from truth and prediction scores 1), the same ``seg compare`` scores whole images with.
 
 Precision: ``forward`` runs the model under ``torch.autocast(bfloat16)`` when its input is on CUDA and
 ``bf16=True``, and returns float32 logits, so the module is the same under a ``precision="32"`` Trainer, in
@@ -28,10 +29,10 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 
 from pathopeft.errors import UserError
+from pathopeft.seg.metrics import DiceIoU, one_hot  # noqa: F401 - one_hot re-exported for callers
 from pathopeft.seg.model import SegModel
 
 TRAINABLE_ONLY = "pathopeft_trainable_only"  # checkpoint flag: the state dict lacks the frozen encoder
@@ -54,11 +55,6 @@ def _make_loss(name: str, include_background: bool) -> torch.nn.Module:
     if name == "dicefocal":
         return DiceFocalLoss(to_onehot_y=True, softmax=True, include_background=include_background)
     raise ValueError(f"unknown loss {name!r}; choose 'dicece' or 'dicefocal'")
-
-
-def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(B, H, W) class indices → (B, C, H, W) one-hot, the layout MONAI's metrics want."""
-    return F.one_hot(labels.long(), n_classes).permute(0, 3, 1, 2)
 
 
 class SegModule(pl.LightningModule):
@@ -104,11 +100,7 @@ class SegModule(pl.LightningModule):
         )
         self.loss_fn = _make_loss(loss, include_background)
         self.lr, self.weight_decay, self.max_epochs, self.bf16 = lr, weight_decay, max_epochs, bf16
-        from monai.metrics import DiceMetric, MeanIoU
-
-        self.dice = DiceMetric(include_background=False, reduction="mean")
-        self.iou = MeanIoU(include_background=False, reduction="mean")
-        self._val_batches = 0
+        self.val_scores = DiceIoU(self.model.n_classes)
 
     @property
     def n_classes(self) -> int:
@@ -136,23 +128,14 @@ class SegModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, logits = self.compute_loss(batch)
         self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0])
-        pred = one_hot(logits.argmax(dim=1), self.n_classes)
-        target = one_hot(batch["mask"], self.n_classes)
-        self.dice(y_pred=pred, y=target)
-        self.iou(y_pred=pred, y=target)
-        self._val_batches += 1
+        self.val_scores.update(logits.argmax(dim=1), batch["mask"])
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_batches:
-            # classes absent from both prediction and truth are NaN and skipped; all-NaN (no foreground in the
-            # whole validation set) is logged as 0 so early stopping does not abort on a non-finite value
-            dice = torch.nan_to_num(self.dice.aggregate().float(), nan=0.0)
-            iou = torch.nan_to_num(self.iou.aggregate().float(), nan=0.0)
+        if self.val_scores.count:  # the convention of pathopeft.seg.metrics, the same as seg compare's
+            dice, iou = self.val_scores.compute()
             self.log("val/dice", dice, prog_bar=True)
             self.log("val/iou", iou)
-        self.dice.reset()
-        self.iou.reset()
-        self._val_batches = 0
+        self.val_scores.reset()
 
     # --- prediction -----------------------------------------------------------------------------------
     @torch.no_grad()
