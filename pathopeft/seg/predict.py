@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pathopeft.io import atomic_write_bytes
 from pathopeft.seg.data import read_image, read_size, stitch, tile_starts
 from pathopeft.seg.model import SegModel
 
@@ -39,9 +41,9 @@ def predict_image(
 
 
 def _atomic_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def check_images(images: Sequence[str | os.PathLike[str]]) -> None:
