@@ -68,6 +68,22 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _unknown_keys(cls: Any, data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Keys of ``data`` that are not fields of dataclass ``cls`` (nested dataclasses checked too): jsonargparse
+    does not see an unknown key whose value is an empty mapping."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for key, value in data.items():
+        if key not in names:
+            out.append(prefix + key)
+        elif isinstance(value, dict) and dataclasses.is_dataclass(hints.get(key)):
+            out += _unknown_keys(hints[key], value, f"{prefix}{key}.")
+    return out
+
+
 def load_config(
     cls: type[C],
     path: str | os.PathLike[str] | None = None,
@@ -98,6 +114,9 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, resolve_path(value, None) if key in set(path_fields) else value)
+    if dataclasses.is_dataclass(cls) and (unknown := _unknown_keys(cls, data)):
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "cfg", fail_untyped=False)
     try:
