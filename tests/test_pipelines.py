@@ -73,3 +73,34 @@ def test_slides_to_mil_bad_config_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'tilling'" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_seg_to_wsi_trains_exports_and_extracts_with_the_adapter(shared_dir, tmp_path):
+    from pathopeft.seg.data import write_glas_manifest
+    from pathopeft.wsi import h5io
+
+    glas = write_glas_manifest(
+        shared_dir / "data" / "glas_subset22", tmp_path / "glas.csv", split_map={"testA": "train"}
+    )
+    fit_yaml = tmp_path / "fit.yaml"
+    fit_yaml.write_text((ROOT / "tests" / "seg" / "conf" / "tiny_fit.yaml").read_text().replace("MANIFEST", str(glas)))
+    write_pyramid(blob_image(512, 512, ((256, 256, 180),)), tmp_path / "s0.tiff", mpp=0.5, levels=2, tile=128)
+    (tmp_path / "slides.csv").write_text("slide_id,path\ns0,s0.tiff\n")
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"seg_config: fit.yaml\nslides: slides.csv\nout_dir: {tmp_path / 'out'}\n"
+        "tiling: {target_mpp: 1.0, tile_px: 32}\nbatch_size: 8\nnum_workers: 0\nprogress: false\n"
+    )
+    job = _pipeline("seg_to_wsi")
+    assert job.main(["--config", str(config)]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["adapter_type"] == "salt"
+    status = json.loads((out / "wsi" / "status" / "s0.json").read_text())
+    assert status["status"] == "done", status
+    feats, _ = h5io.read_features(out / "wsi" / "features_vit_tiny_patch16_224" / "s0.h5")
+    assert feats.shape == (status["n_tiles"], 32)
+    params = json.loads((out / "wsi" / "params.json").read_text())["features"]["features_vit_tiny_patch16_224"]
+    assert params["params"]["adapter"] == str((out / "adapter").resolve())  # extracted with the adapted encoder
+    assert job.main(["--config", str(config)]) == 0  # rerun: nothing retrained, nothing redone
