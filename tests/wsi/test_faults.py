@@ -269,13 +269,15 @@ print(json.dumps([r["slide_id"] for r in run_batch(slides, cfg)]))
 
 
 @pytest.mark.slow
+def _job_slides(folder: Path, n: int) -> list[str]:
+    """``n`` generated pyramids for the subprocess jobs (big enough that a job takes a moment per slide)."""
+    folder.mkdir()
+    img = blob_image(1024, 1280, ((500, 600, 420),))
+    return [str(write_pyramid(img, folder / f"s{k}.tiff", mpp=0.5, levels=2, tile=128)) for k in range(n)]
+
+
 def test_two_concurrent_jobs_share_the_slides(tmp_path):
-    root = tmp_path / "slides"
-    root.mkdir()
-    paths = []
-    for k in range(8):
-        img = blob_image(1024, 1280, ((500, 600, 420),))
-        paths.append(str(write_pyramid(img, root / f"s{k}.tiff", mpp=0.5, levels=2, tile=128)))
+    paths = _job_slides(tmp_path / "slides", 8)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     jobs = [
@@ -300,12 +302,7 @@ def test_two_concurrent_jobs_share_the_slides(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_any_moment_then_a_rerun_finishes_every_slide_once(tmp_path):
-    root = tmp_path / "slides"
-    root.mkdir()
-    paths = []
-    for k in range(6):
-        img = blob_image(1024, 1280, ((500, 600, 420),))
-        paths.append(str(write_pyramid(img, root / f"s{k}.tiff", mpp=0.5, levels=2, tile=128)))
+    paths = _job_slides(tmp_path / "slides", 6)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", _JOB, str(out), json.dumps(paths)]
