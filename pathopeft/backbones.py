@@ -3,6 +3,10 @@
 :func:`create_backbone` returns the model together with the input size and normalisation it expects
 (TRIDENT's encoder contract), so feature extraction never guesses preprocessing. Every bad name or weights
 file ends in a :class:`BackboneError` that names it, which the CLI prints as one line.
+
+Names are resolved by encoder *family*, the entries of :data:`ENCODERS`: a family claims the names that
+start with its ``prefix`` (``hf-hub:``, ``local-dir:``), and ``timm`` (no prefix) takes every other name. A
+new family (named pathology foundation models, say) is one registered builder.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from pathopeft.errors import UserError
+from pathopeft.registry import Entry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +241,20 @@ def hf_snapshot(name: str) -> Path:
     return snap
 
 
+def local_dir(name: str) -> Path:
+    """The folder of a ``local-dir:/path`` name, which must hold a hub-style ``config.json``."""
+    folder = Path(name[len(LOCAL_DIR_PREFIX) :])
+    if not (folder / "config.json").is_file():
+        raise WeightsNotFoundError(f"backbone {name!r}: {folder / 'config.json'} not found")
+    return folder
+
+
 def model_folder(name: str) -> Path | None:
     """The local folder holding config + weights of a ``hf-hub:``/``local-dir:`` name; ``None`` for plain names."""
     if name.startswith(HF_HUB_PREFIX):
         return hf_snapshot(name)
     if name.startswith(LOCAL_DIR_PREFIX):
-        folder = Path(name[len(LOCAL_DIR_PREFIX) :])
-        if not (folder / "config.json").is_file():
-            raise WeightsNotFoundError(f"backbone {name!r}: {folder / 'config.json'} not found")
-        return folder
+        return local_dir(name)
     return None
 
 
@@ -271,6 +282,61 @@ def _create_timm_model(name: str, pretrained: bool, shown: str | None = None, **
         raise BackboneError(f"backbone {shown!r}: timm could not load its weights ({_first_line(e)})") from e
     except ValueError as e:  # timm's own name checks ("unknown model source 'foo'" …)
         raise BackboneError(f"backbone {shown!r}: {e}") from e
+
+
+#: An encoder family builds ``(model, weights path or None)`` from a name it claims; see the module docstring.
+EncoderBuilder = Callable[..., tuple[nn.Module, "str | os.PathLike[str] | None"]]
+ENCODERS: Registry[EncoderBuilder] = Registry("encoder family", {"prefix": None})
+
+
+def encoder_family(name: str) -> Entry[EncoderBuilder]:
+    """The family that builds ``name``: the first whose ``prefix`` starts it, else the first without a prefix."""
+    entries = [ENCODERS.entry(n) for n in ENCODERS]
+    claimed = [e for e in entries if e.caps["prefix"] and name.startswith(e.caps["prefix"])]
+    return (claimed or [e for e in entries if not e.caps["prefix"]])[0]
+
+
+@ENCODERS.register("timm")
+def _timm_encoder(
+    name: str, weights: str | os.PathLike[str] | None, **model_kwargs: Any
+) -> tuple[nn.Module, str | os.PathLike[str] | None]:
+    """A timm architecture; ``weights`` from a local file, else random init (logged: features are a lower bound)."""
+    model = _create_timm_model(name, pretrained=False, **model_kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    else:
+        log.warning(
+            "RANDOM WEIGHTS: backbone %r has no --weights; features come from a randomly initialised model "
+            "and are only a lower bound.",
+            name,
+        )
+    return model, weights
+
+
+def _folder_family(find_folder: Callable[[str], Path]) -> EncoderBuilder:
+    """A family of timm models in local folders (config.json + weights) that ``find_folder`` locates."""
+
+    def build(
+        name: str, weights: str | os.PathLike[str] | None, **model_kwargs: Any
+    ) -> tuple[nn.Module, str | os.PathLike[str] | None]:
+        folder = find_folder(name)
+        local = f"{LOCAL_DIR_PREFIX}{folder}"  # timm's own loader for a folder: config.json + weights, no network
+        if weights is None:  # a hub name means "its weights", never random ones
+            found = next((folder / f for f in HUB_WEIGHTS_FILES if (folder / f).is_file()), None)
+            if found is None:
+                raise WeightsNotFoundError(
+                    f"backbone {name!r}: {folder} has no weights file (looked for {', '.join(HUB_WEIGHTS_FILES)})"
+                )
+            return _create_timm_model(local, pretrained=True, shown=name, **model_kwargs), found
+        model = _create_timm_model(local, pretrained=False, shown=name, **model_kwargs)
+        load_weights(model, weights)
+        return model, weights
+
+    return build
+
+
+ENCODERS.add("hf-hub", _folder_family(hf_snapshot), prefix=HF_HUB_PREFIX)  # the local HF cache only
+ENCODERS.add("local-dir", _folder_family(local_dir), prefix=LOCAL_DIR_PREFIX)
 
 
 def create_backbone(
@@ -301,30 +367,7 @@ def create_backbone(
     """
     import timm
 
-    folder = model_folder(name)
-    if folder is not None:
-        local = f"{LOCAL_DIR_PREFIX}{folder}"  # timm's own loader for a folder: config.json + weights, no network
-        if weights is None:  # a hub name means "its weights", never random ones
-            found = next((folder / f for f in HUB_WEIGHTS_FILES if (folder / f).is_file()), None)
-            if found is None:
-                raise WeightsNotFoundError(
-                    f"backbone {name!r}: {folder} has no weights file (looked for {', '.join(HUB_WEIGHTS_FILES)})"
-                )
-            model = _create_timm_model(local, pretrained=True, shown=name, **model_kwargs)
-            weights = found
-        else:
-            model = _create_timm_model(local, pretrained=False, shown=name, **model_kwargs)
-            load_weights(model, weights)
-    else:
-        model = _create_timm_model(name, pretrained=False, **model_kwargs)
-        if weights is not None:
-            load_weights(model, weights)
-        else:
-            log.warning(
-                "RANDOM WEIGHTS: backbone %r has no --weights; features come from a randomly initialised model "
-                "and are only a lower bound.",
-                name,
-            )
+    model, weights = encoder_family(name).obj(name, weights, **model_kwargs)
     cfg = timm.data.resolve_model_data_config(model)
     input_size = int(cfg["input_size"][-1])
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)

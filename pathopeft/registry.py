@@ -77,6 +77,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
+    def remove(self, name: str) -> Entry[T]:
+        """Unregister ``name`` and return its entry, so a test can add a toy plugin and leave no trace."""
+        return self._entries.pop(self.entry(name).name)
+
     def names(self, **caps: Any) -> list[str]:
         """Registered names whose capabilities equal every given value (``names(conv=True)``)."""
         return [n for n, e in self._entries.items() if all(e.caps.get(k) == v for k, v in caps.items())]

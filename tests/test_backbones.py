@@ -4,7 +4,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pathopeft.backbones import BackboneError, create_backbone, load_state_dict_file, safe_name
+from pathopeft.backbones import (
+    ENCODERS,
+    BackboneError,
+    create_backbone,
+    encoder_family,
+    load_state_dict_file,
+    safe_name,
+)
 from tests._tiny import TINY_VIT, tiny_backbone
 
 
@@ -21,6 +28,31 @@ def test_tiny_backbone_contract():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     out = bb.model(bb.normalize(x))
     assert out.shape == (2, 32)
+
+
+def test_encoder_families_dispatch_by_prefix():
+    assert list(ENCODERS) == ["timm", "hf-hub", "local-dir"]
+    assert encoder_family("vit_small_patch16_224").name == "timm"
+    assert encoder_family("hf-hub:org/name").name == "hf-hub"
+    assert encoder_family("local-dir:/x").name == "local-dir"
+    assert encoder_family("toy:thing").name == "timm"  # no family claims it: timm's own error follows
+
+
+def test_a_registered_family_builds_its_names():
+    """A family (named foundation models, say) is one registered builder; create_backbone does the rest."""
+    import timm
+
+    def toy(name, weights, **kw):
+        return timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1, embed_dim=24), "toy.pt"
+
+    ENCODERS.add("toy", toy, prefix="toy:")
+    try:
+        bb = create_backbone("toy:tiny")
+        assert (bb.name, bb.dim, bb.input_size, bb.weights) == ("toy:tiny", 24, 32, "toy.pt")
+    finally:
+        ENCODERS.remove("toy")
+    with pytest.raises(BackboneError, match=r"backbone 'toy:tiny'"):  # back to timm, which knows no 'toy:' source
+        create_backbone("toy:tiny")
 
 
 def test_random_init_is_announced(caplog):

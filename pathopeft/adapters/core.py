@@ -15,7 +15,8 @@ in this core and copy PEFT's user surface and file format instead:
 
 PEFT's own methods (LoRA, DoRA, PiSSA, …) stay PEFT models; :func:`pathopeft.adapters.create` hides the
 difference. A method here is one :class:`Delta` subclass (its parameters and ΔW) plus an
-:class:`AdapterConfig` subclass, registered in ``pathopeft.adapters.registry``.
+:class:`AdapterConfig` subclass, registered by its own package with :func:`register` into :data:`ADAPTERS`
+together with its capabilities (which the pipelines and the test matrix ask instead of keeping name lists).
 
 Every adapter file carries the base model's architecture name and a fingerprint of the targeted weights'
 shapes, so loading it onto a different model fails with a clear error instead of silently mis-loading.
@@ -28,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ from torch import nn
 
 from pathopeft.adapters.targets import resolve_targets
 from pathopeft.errors import UserError
+from pathopeft.registry import Registry
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -92,8 +94,6 @@ class Delta(nn.Module):
     factored path is cheaper.
     """
 
-    claims_identity_at_init: ClassVar[bool] = True
-
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         self.config = config
@@ -114,6 +114,56 @@ class Delta(nn.Module):
     def expected_trainable(out_features: int, in_features: int, config: AdapterConfig) -> int:
         """The method's parameter-count formula for one layer (the conformance tests check it)."""
         raise NotImplementedError
+
+
+# --- the registry of methods ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterMethod:
+    """What an :data:`ADAPTERS` entry holds: our config + :class:`Delta` classes, or how to build PEFT's config.
+
+    ``peft_config(targets, rank, alpha, **kw)`` returns a ``peft.PeftConfig``; ``after_create(peft_model,
+    adapter_name)`` runs once on the new PEFT model (PiSSA keeps its initial adapter there).
+    """
+
+    config_cls: type[AdapterConfig] | None = None
+    delta_cls: type[Delta] | None = None
+    peft_config: Callable[..., Any] | None = None
+    after_create: Callable[[nn.Module, str], None] | None = None
+    doc: str = ""
+
+    @property
+    def summary(self) -> str:
+        """One line for ``pathopeft adapters list``: ``doc``, else the first line of the config's docstring."""
+        text = self.doc or (self.config_cls.__doc__ if self.config_cls is not None else "") or ""
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+
+#: Every adapter method by name, ours and PEFT's, with what pipelines and tests need to know about it:
+#: ``backend`` ("pathopeft": an :class:`AdapterModel`; "peft": a ``PeftModel``), ``conv`` (adapts
+#: ``nn.Conv2d`` too), ``identity_at_init`` (output equals the base model's before training), ``callback``
+#: (factory of the Lightning callback training needs, e.g. SNELLA's budget schedule; None: none),
+#: ``needs_data`` (inputs must be collected before a task, OWLoRA's protected subspaces).
+ADAPTERS: Registry[AdapterMethod] = Registry(
+    "adapter method",
+    {"backend": "pathopeft", "conv": False, "identity_at_init": False, "callback": None, "needs_data": False},
+)
+
+
+def register(name: str, config_cls: type[AdapterConfig], delta_cls: type[Delta], **caps: Any) -> AdapterMethod:
+    """Register one of our methods with its capabilities; called by the method's own package on import."""
+    if config_cls.adapter_type != name:
+        raise ValueError(f"{config_cls.__name__}.adapter_type is {config_cls.adapter_type!r}, not {name!r}")
+    method = AdapterMethod(config_cls=config_cls, delta_cls=delta_cls)
+    ADAPTERS.add(name, method, **{**caps, "backend": "pathopeft"})
+    return method
+
+
+def our_method(name: str) -> AdapterMethod:
+    """The registered method ``name`` if it is one of ours (a config and a Delta), else a ``ValueError``."""
+    method = ADAPTERS.get(name)  # UnknownPluginError lists the known names
+    if method.config_cls is None or method.delta_cls is None:
+        raise ValueError(f"adapter method {name!r} is PEFT's, not a pathopeft adapter type")
+    return method
 
 
 class AdaptedLayer(nn.Module):
@@ -195,11 +245,9 @@ class AdapterModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         """Add a new adapter (and make it active) on the layers its ``target_modules`` select."""
-        from pathopeft.adapters.registry import delta_class
-
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} exists already")
-        delta_cls = delta_class(config.adapter_type)
+        delta_cls = our_method(config.adapter_type).delta_cls
         names = resolve_targets(self.base_model, config.target_modules)
         for name in dict.fromkeys(names):
             parent_name, _, child = name.rpartition(".")
@@ -429,14 +477,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
-    from pathopeft.adapters.registry import config_class
-
     path = adapter_config_path(model_id)
     d = read_json(path)
     if "adapter_type" not in d:
         raise AdapterLoadError(f"{path}: not a pathopeft adapter config (no 'adapter_type'; a PEFT one?)")
     try:
-        return config_class(d["adapter_type"]).from_dict(d)
+        return our_method(str(d["adapter_type"])).config_cls.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:  # unknown method, unknown or ill-typed fields
         raise AdapterLoadError(f"{path}: {e.args[0] if e.args else e}") from e
 

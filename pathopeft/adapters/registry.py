@@ -1,9 +1,11 @@
 """``create(name, model, ...)``: one factory for our adapters and PEFT's, so configs switch methods by a string.
 
-Ours (:mod:`pathopeft.adapters.core`): ``salt``, ``wara``, ``snella``. PEFT's: ``lora``, ``dora``, ``pissa``
-(LoRA family with our rank/alpha/targets), and any other PEFT method by its PEFT name (``waveft``, ``miss``,
-``randlora``, ``vera``, …) with its own config keywords. A new method of ours is one ``Delta`` + config
-file and one :func:`register` line; the conformance tests pick it up from :func:`list_methods`.
+Every method is an entry of :data:`ADAPTERS` (defined in :mod:`pathopeft.adapters.core`) with its
+capabilities. Ours (``salt``, ``wara``, ``snella``, ``owlora``) register in their own packages, which this
+module imports only to trigger that; PEFT's LoRA family (``lora``, ``dora``, ``pissa``) registers below with
+our rank/alpha/targets. Any other PEFT method (``waveft``, ``miss``, ``randlora``, ``vera``, …) is found by
+its PEFT name with its own config keywords. A new method of ours is one ``Delta`` + config package that
+calls :func:`register` with its capabilities; the conformance tests pick it up from :data:`ADAPTERS`.
 
 :func:`save` and :func:`load` work for both kinds and write/check the base-model fingerprint, so an adapter
 cannot be loaded onto the wrong model by accident.
@@ -14,99 +16,111 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+# our methods register on import, in this order (the listing order: keep it, not alphabetical)
+from pathopeft.adapters import salt, wara, snella, owlora  # noqa: F401  # isort: skip
 from pathopeft.adapters.core import (
+    ADAPTERS,
     WEIGHTS_NAME,
-    AdapterConfig,
     AdapterLoadError,
+    AdapterMethod,
     AdapterModel,
-    Delta,
     adapter_config_path,
     architecture_name,
     check_base_model,
     fingerprint,
+    our_method,
     read_json,
+    register,
 )
-from pathopeft.adapters.owlora import OwloraConfig, OwloraDelta
-from pathopeft.adapters.salt import SaltConfig, SaltDelta
-from pathopeft.adapters.snella import SnellaConfig, SnellaDelta
 from pathopeft.adapters.targets import resolve_targets
-from pathopeft.adapters.wara import WaraConfig, WaraDelta
+from pathopeft.registry import UnknownPluginError
 
 BASE_INFO_NAME = "pathopeft_base.json"  # beside PEFT's own files: the fingerprint and full targets PEFT does not keep
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config_cls: type[AdapterConfig]
-    delta_cls: type[Delta]
+__all__ = ["ADAPTERS", "BASE_INFO_NAME", "create", "list_methods", "load", "register", "save"]
 
 
-_OURS: dict[str, Method] = {}
-PEFT_LORA_FAMILY = ("lora", "dora", "pissa")
-LINEAR_ONLY = ("pissa",)  # PEFT's PiSSA initialisation is defined for nn.Linear only
+# --- PEFT's LoRA family as entries ------------------------------------------------------------------------
+def _lora_family(variant: str) -> Callable[..., Any]:
+    """The ``peft.LoraConfig`` builder of ``variant`` (``lora``, ``dora``: ``use_dora``, ``pissa``: its init)."""
+
+    def build(targets: list[str], rank: int | None, alpha: float | None, **kw: Any) -> Any:
+        import peft
+
+        r = rank or 8
+        return peft.LoraConfig(
+            r=r,
+            lora_alpha=alpha if alpha is not None else r,
+            target_modules=targets,
+            use_dora=variant == "dora",
+            init_lora_weights="pissa" if variant == "pissa" else kw.pop("init_lora_weights", True),
+            **kw,
+        )
+
+    return build
 
 
-def supports_conv(name: str) -> bool:
-    """Whether ``name`` adapts ``nn.Conv2d`` (ours do, on the out × in·kh·kw view; PEFT's LoRA/DoRA do)."""
-    return name.lower() not in LINEAR_ONLY
+def _keep_pissa_init(pm: nn.Module, adapter_name: str) -> None:
+    """PiSSA rewrites the base weights; keep the initial adapter so a save can be converted into a plain LoRA
+    that applies to the *original* base model (PEFT's documented conversion, see :func:`save`)."""
+    init_dir = Path(tempfile.mkdtemp(prefix="pathopeft-pissa-init-"))
+    pm.peft_config[adapter_name].init_lora_weights = True
+    pm.save_pretrained(init_dir, selected_adapters=[adapter_name])
+    pm.peft_config[adapter_name].init_lora_weights = "pissa"
+    pm._pathopeft_pissa_init = init_dir
 
 
-def register(name: str, config_cls: type[AdapterConfig], delta_cls: type[Delta]) -> None:
-    if config_cls.adapter_type != name:
-        raise ValueError(f"{config_cls.__name__}.adapter_type is {config_cls.adapter_type!r}, not {name!r}")
-    _OURS[name] = Method(name, config_cls, delta_cls)
-
-
-register("salt", SaltConfig, SaltDelta)
-register("wara", WaraConfig, WaraDelta)
-register("snella", SnellaConfig, SnellaDelta)
-register("owlora", OwloraConfig, OwloraDelta)
+ADAPTERS.add(
+    "lora",
+    AdapterMethod(peft_config=_lora_family("lora"), doc="LoRA from PEFT (rank-r A·B update, B zero at init)"),
+    backend="peft",
+    conv=True,
+    identity_at_init=True,
+)
+ADAPTERS.add(
+    "dora",
+    AdapterMethod(peft_config=_lora_family("dora"), doc="DoRA from PEFT (LoRA + a learned magnitude, use_dora)"),
+    backend="peft",
+    conv=True,
+    identity_at_init=True,
+)
+ADAPTERS.add(
+    "pissa",
+    AdapterMethod(
+        peft_config=_lora_family("pissa"),
+        after_create=_keep_pissa_init,
+        doc="PiSSA from PEFT (LoRA from the top singular vectors, init_lora_weights='pissa')",
+    ),
+    backend="peft",
+    conv=False,  # PEFT's PiSSA initialisation is defined for nn.Linear only
+    identity_at_init=True,  # residual + principal part = W
+)
 
 
 def list_methods(include_peft: bool = True) -> list[str]:
-    """Our methods, then PEFT's LoRA family (the ones the conformance matrix covers)."""
-    return [*_OURS, *(PEFT_LORA_FAMILY if include_peft else ())]
-
-
-def config_class(name: str) -> type[AdapterConfig]:
-    if name not in _OURS:
-        raise KeyError(f"unknown pathopeft adapter type {name!r}; known: {sorted(_OURS)}")
-    return _OURS[name].config_cls
-
-
-def delta_class(name: str) -> type[Delta]:
-    return _OURS[name].delta_cls
+    """Registered methods in registration order: ours, then PEFT's LoRA family (the conformance matrix)."""
+    return ADAPTERS.names() if include_peft else ADAPTERS.names(backend="pathopeft")
 
 
 def is_ours(model: nn.Module) -> bool:
     return isinstance(model, AdapterModel)
 
 
-def _peft_config(name: str, targets: list[str], rank: int | None, alpha: float | None, **kw: Any) -> Any:
+def _other_peft_config(name: str, targets: list[str], rank: int | None, **kw: Any) -> Any:
+    """The config of a PEFT method that is not an entry, by its PEFT name (``ia3``, ``vera``, ``waveft`` …)."""
     import peft
 
-    if name in PEFT_LORA_FAMILY:
-        r = rank or 8
-        return peft.LoraConfig(
-            r=r,
-            lora_alpha=alpha if alpha is not None else r,
-            target_modules=targets,
-            use_dora=name == "dora",
-            init_lora_weights="pissa" if name == "pissa" else kw.pop("init_lora_weights", True),
-            **kw,
-        )
     try:
         cfg_cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(name.upper())]
     except (ValueError, KeyError) as e:
-        known = sorted([*_OURS, *PEFT_LORA_FAMILY, *(t.value.lower() for t in peft.PeftType)])
-        raise ValueError(f"unknown adapter method {name!r}; known: {known}") from e
+        known = sorted({*ADAPTERS, *(t.value.lower() for t in peft.PeftType)})
+        raise UnknownPluginError(f"unknown adapter method {name!r}; known: {known}") from e
     if rank is not None:
         kw.setdefault("r", rank)
     return cfg_cls(target_modules=targets, **kw)
@@ -129,22 +143,26 @@ def create(
     """
     name = name.lower()
     names = resolve_targets(model, targets)
-    if name in _OURS:
+    entry = ADAPTERS.entry(name) if name in ADAPTERS else None
+    if entry is not None and not entry.caps["conv"]:
+        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+        if convs:
+            raise ValueError(f"{name} adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
+    if entry is not None and entry.caps["backend"] == "pathopeft":
         cfg_kw = dict(kwargs)
         if rank is not None:
             cfg_kw["r"] = rank
         if alpha is not None:
             cfg_kw["alpha"] = alpha
-        config = _OURS[name].config_cls(target_modules=names, **cfg_kw)
+        config = our_method(name).config_cls(target_modules=names, **cfg_kw)
         return AdapterModel(model, config, adapter_name)
 
     import peft
 
-    if not supports_conv(name):
-        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
-        if convs:
-            raise ValueError(f"{name} adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
-    config = _peft_config(name, names, rank, alpha, **kwargs)
+    if entry is not None:
+        config = entry.obj.peft_config(names, rank, alpha, **kwargs)
+    else:
+        config = _other_peft_config(name, names, rank, **kwargs)
     pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
     # the full target list, because PEFT condenses >= 20 names into suffixes on save (see load)
     pm._pathopeft_base = {
@@ -152,14 +170,8 @@ def create(
         "fingerprint": fingerprint(model, names),
         "targets": names,
     }
-    if name == "pissa":
-        # PiSSA rewrites the base weights; keep the initial adapter so a save can be converted into a plain
-        # LoRA that applies to the *original* base model (PEFT's documented conversion).
-        init_dir = Path(tempfile.mkdtemp(prefix="pathopeft-pissa-init-"))
-        pm.peft_config[adapter_name].init_lora_weights = True
-        pm.save_pretrained(init_dir, selected_adapters=[adapter_name])
-        pm.peft_config[adapter_name].init_lora_weights = "pissa"
-        pm._pathopeft_pissa_init = init_dir
+    if entry is not None and entry.obj.after_create is not None:
+        entry.obj.after_create(pm, adapter_name)
     return pm
 
 

@@ -1,12 +1,15 @@
 """``SegModel``: a timm encoder (frozen, adapted or fully trained) + a small decoder to per-pixel logits.
 
-Two encoder families, told apart by the timm model itself (``patch_embed`` + ``blocks`` = ViT-like):
+Decoders are the entries of :data:`SEG_DECODERS`; each knows which encoders it accepts (told apart by the
+timm model itself) and how it builds, loads and reads them. ``decoder="auto"`` takes the first that accepts
+the encoder:
 
-* **ViT-like** (``vit_*``, ``deit_*``, ``samvit_*`` …): ``forward_features`` gives patch tokens at stride
-  ``patch_size``; prefix tokens (class, distillation, registers) are dropped and the rest is reshaped to a
-  map (SAM's neck already returns one). A :class:`ProgressiveDecoder` upsamples it 2× at a time.
-* **CNNs** (``resnet*``, ``densenet*``, …): ``features_only=True`` multi-scale maps feed a
-  :class:`UNetDecoder` (upsample, concatenate the skip, conv).
+* ``vit-progressive``, for **ViT-like** encoders (``patch_embed`` + ``blocks``: ``vit_*``, ``deit_*``,
+  ``samvit_*`` …): ``forward_features`` gives patch tokens at stride ``patch_size``; prefix tokens (class,
+  distillation, registers) are dropped and the rest is reshaped to a map (SAM's neck already returns one).
+  A :class:`ProgressiveDecoder` upsamples it 2× at a time.
+* ``unet``, for **CNN feature pyramids** (``resnet*``, ``densenet*``, …): ``features_only=True``
+  multi-scale maps feed a :class:`UNetDecoder` (upsample, concatenate the skip, conv).
 
 How the encoder trains is one switch: ``adapter=None`` → frozen (decoder-only baseline), ``adapter="full"``
 → full fine-tuning, any other name → :func:`pathopeft.adapters.create` on the encoder only. The model takes
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathopeft.backbones import HEAD_PREFIXES, BackboneError, close_names, load_state_dict_file
+from pathopeft.errors import UserError
+from pathopeft.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +222,171 @@ def _base_key(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+# --- decoder families: which encoders, how built and read -------------------------------------------------
+class DecoderError(UserError, ValueError):
+    """A decoder that does not take the chosen encoder (or none that does); the message names both."""
+
+
+class SegDecoderSpec:
+    """A decoder family: which encoders it accepts, how it builds, loads and reads them, and how its decoder
+    module turns their features into logits. :class:`SegModel` asks its entry instead of branching on the
+    encoder type; one instance per model holds the encoder geometry it reads (patch size, layout …)."""
+
+    @staticmethod
+    def accepts(probe: nn.Module) -> bool:
+        """Whether this family takes the encoder (``probe``: the plain timm model, built on the meta device)."""
+        raise NotImplementedError
+
+    def create_encoder(
+        self, encoder: str, probe: nn.Module, enc_kw: dict[str, Any], img_size: int | None
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    def load_weights(self, model: nn.Module, path: str | os.PathLike[str]) -> None:
+        raise NotImplementedError
+
+    def adapter_targets(self, model: nn.Module, targets: str | list[str] | None) -> str | list[str]:
+        """The adapter targets to use on ``model`` (``targets`` as given, or this family's default)."""
+        raise NotImplementedError
+
+    def build(self, model: nn.Module, n_classes: int, channels: int) -> nn.Module:
+        """Read the encoder's geometry (before an adapter wraps it) and return the decoder module."""
+        raise NotImplementedError
+
+    def encode(self, model: nn.Module, x: torch.Tensor, encoder: str) -> list[torch.Tensor]:
+        """Normalised images → feature maps (NCHW) the decoder takes; ``encoder`` names it in errors."""
+        raise NotImplementedError
+
+    def decode(self, decoder: nn.Module, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+#: Segmentation decoders by name; ``encoders`` says what each accepts (for messages and listings).
+SEG_DECODERS: Registry[type[SegDecoderSpec]] = Registry("segmentation decoder", {"encoders": ""})
+
+
+@SEG_DECODERS.register("vit-progressive", encoders="ViT-like encoders (patch_embed + blocks: vit_*, deit_*, samvit_*)")
+class ViTProgressiveSpec(SegDecoderSpec):
+    """Patch tokens → map at stride ``patch_size`` → :class:`ProgressiveDecoder`; adapters default to ``attn``."""
+
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+    fixed_size: tuple[int, int] | None
+
+    @staticmethod
+    def accepts(probe: nn.Module) -> bool:
+        return is_vit_like(probe)
+
+    def create_encoder(
+        self, encoder: str, probe: nn.Module, enc_kw: dict[str, Any], img_size: int | None
+    ) -> nn.Module:
+        import timm
+
+        if img_size is not None:
+            enc_kw.setdefault("img_size", img_size)
+        if _accepts_kwarg(type(probe), "dynamic_img_size"):
+            enc_kw.setdefault("dynamic_img_size", True)
+        return timm.create_model(encoder, pretrained=False, num_classes=0, **enc_kw)
+
+    def load_weights(self, model: nn.Module, path: str | os.PathLike[str]) -> None:
+        load_encoder_weights(model, path, vit=True)
+
+    def adapter_targets(self, model: nn.Module, targets: str | list[str] | None) -> str | list[str]:
+        return targets or "attn"
+
+    def build(self, model: nn.Module, n_classes: int, channels: int) -> nn.Module:
+        ps = model.patch_embed.patch_size
+        self.patch_size = (int(ps[0]), int(ps[1])) if isinstance(ps, Sequence) else (ps, ps)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        fixed = not getattr(model, "dynamic_img_size", False) and getattr(model.patch_embed, "strict_img_size", False)
+        self.fixed_size = tuple(model.patch_embed.img_size) if fixed else None
+        n_up = max(1, int(math.log2(min(self.patch_size))))
+        return ProgressiveDecoder(model.num_features, n_classes, channels, n_up)
+
+    def encode(self, model: nn.Module, x: torch.Tensor, encoder: str) -> list[torch.Tensor]:
+        h, w = x.shape[-2:]
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(
+                f"input {h}×{w} is not a multiple of the patch size {ph}×{pw} of {encoder}: "
+                "use crops (and padding) of a multiple of the patch size"
+            )
+        if self.fixed_size is not None and (h, w) != self.fixed_size:
+            raise ValueError(
+                f"{encoder} is built for {self.fixed_size[0]}×{self.fixed_size[1]} inputs, got "
+                f"{h}×{w}: set img_size to the crop size"
+            )
+        out = model.forward_features(x)
+        if out.ndim == 3:  # tokens (B, N, D): drop class/distillation/register tokens, back to a map
+            tokens = out[:, self.num_prefix_tokens :]
+            out = tokens.transpose(1, 2).reshape(out.shape[0], out.shape[-1], h // ph, w // pw)
+        return [out]  # samvit: its neck returns (B, C, h, w) already
+
+    def decode(self, decoder: nn.Module, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return decoder(feats[0], size)
+
+
+@SEG_DECODERS.register("unet", encoders="CNN feature pyramids (timm features_only: resnet*, densenet*, convnext*)")
+class UNetSpec(SegDecoderSpec):
+    """``features_only`` multi-scale maps → :class:`UNetDecoder`; adapters default to every conv but the stem."""
+
+    channels_last: bool
+
+    @staticmethod
+    def accepts(probe: nn.Module) -> bool:
+        return not is_vit_like(probe)
+
+    def create_encoder(
+        self, encoder: str, probe: nn.Module, enc_kw: dict[str, Any], img_size: int | None
+    ) -> nn.Module:
+        import timm
+
+        return timm.create_model(encoder, pretrained=False, features_only=True, **enc_kw)
+
+    def load_weights(self, model: nn.Module, path: str | os.PathLike[str]) -> None:
+        load_encoder_weights(model, path, vit=False)
+
+    def adapter_targets(self, model: nn.Module, targets: str | list[str] | None) -> str | list[str]:
+        from pathopeft.adapters import resolve_targets
+
+        tg = targets or "all-conv"
+        if tg in ("all-conv", "all"):
+            tg = _without_stem(model, resolve_targets(model, tg))
+        return tg
+
+    def build(self, model: nn.Module, n_classes: int, channels: int) -> nn.Module:
+        self.channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
+        return UNetDecoder(model.feature_info.channels(), n_classes, channels)
+
+    def encode(self, model: nn.Module, x: torch.Tensor, encoder: str) -> list[torch.Tensor]:
+        feats = model(x)
+        feats = list(feats.values()) if isinstance(feats, dict) else list(feats)
+        if self.channels_last:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return feats
+
+    def decode(self, decoder: nn.Module, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return decoder(feats, size)
+
+
+def choose_decoder(name: str, probe: nn.Module, encoder: str) -> str:
+    """The registered decoder for ``encoder``: ``name``, or with ``"auto"`` the first that accepts it."""
+    fits = [n for n in SEG_DECODERS if SEG_DECODERS.get(n).accepts(probe)]
+    if name.lower() == "auto":
+        if not fits:
+            raise DecoderError(
+                f"no segmentation decoder accepts encoder {encoder!r} (known: {', '.join(SEG_DECODERS)})"
+            )
+        return fits[0]
+    entry = SEG_DECODERS.entry(name)  # UnknownPluginError lists the known decoders
+    if entry.name not in fits:
+        raise DecoderError(
+            f"decoder {entry.name!r} takes {entry.caps['encoders']}; encoder {encoder!r} is not one "
+            f"(decoders that take it: {', '.join(fits) or 'none'}; or decoder='auto')"
+        )
+    return entry.name
+
+
 # --- the model --------------------------------------------------------------------------------------------
 class SegModel(nn.Module):
     """Encoder + decoder: ``forward(x in [0, 1], (B, 3, H, W)) -> logits (B, n_classes, H, W)``.
@@ -236,6 +406,9 @@ class SegModel(nn.Module):
         mean, std: input normalisation; default from the timm pretrained config. The capricorn DenseNet-121
             wants ``mean=(0, 0, 0), std=(1, 1, 1)``.
         decoder_channels: decoder width.
+        decoder: a :data:`SEG_DECODERS` name, or ``"auto"``: the first registered decoder that accepts the
+            encoder (``vit-progressive`` for ViT-like encoders, ``unet`` for CNNs). The config keeps the
+            resolved name, so a checkpoint rebuilds the same decoder.
         freeze_encoder: only with ``adapter=None``: ``False`` trains the whole encoder (same as ``"full"``).
         bn_eps: override every encoder BatchNorm's eps (Keras-converted weights use 1.001e-5).
         init_seed: seed of a random-init encoder (ignored with ``weights``).
@@ -254,6 +427,7 @@ class SegModel(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         decoder_channels: int = 64,
+        decoder: str = "auto",
         *,
         freeze_encoder: bool = True,
         bn_eps: float | None = None,
@@ -283,6 +457,7 @@ class SegModel(nn.Module):
             "mean": list(mean) if mean is not None else None,
             "std": list(std) if std is not None else None,
             "decoder_channels": decoder_channels,
+            "decoder": decoder,
             "freeze_encoder": freeze_encoder,
             "bn_eps": bn_eps,
             "init_seed": init_seed,
@@ -295,24 +470,20 @@ class SegModel(nn.Module):
                 probe = timm.create_model(encoder, pretrained=False, num_classes=0, **probe_kw)
         except TypeError as e:  # a keyword the architecture does not take (a typo in encoder_kwargs)
             raise BackboneError(f"encoder {encoder!r}: {e}") from None
-        self.is_vit = is_vit_like(probe)
+        self.is_vit = is_vit_like(probe)  # for callers; the code below asks the decoder entry
+        self.config["decoder"] = choose_decoder(decoder, probe, encoder)
+        #: the decoder family (a :data:`SEG_DECODERS` entry) that builds and reads this encoder
+        self.decoder_spec: SegDecoderSpec = SEG_DECODERS.get(self.config["decoder"])()
 
         with _seeded(None if weights is not None else init_seed):
-            if self.is_vit:
-                if img_size is not None:
-                    enc_kw.setdefault("img_size", img_size)
-                if _accepts_kwarg(type(probe), "dynamic_img_size"):
-                    enc_kw.setdefault("dynamic_img_size", True)
-                model = timm.create_model(encoder, pretrained=False, num_classes=0, **enc_kw)
-            else:
-                model = timm.create_model(encoder, pretrained=False, features_only=True, **enc_kw)
+            model = self.decoder_spec.create_encoder(encoder, probe, enc_kw, img_size)
         del probe
         if bn_eps is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eps = bn_eps
         if weights is not None:
-            load_encoder_weights(model, weights, self.is_vit)
+            self.decoder_spec.load_weights(model, weights)
             log.info("encoder %s: weights from %s", encoder, weights)
         else:
             log.warning(
@@ -328,21 +499,7 @@ class SegModel(nn.Module):
         self.register_buffer("std", std_t.view(1, 3, 1, 1), persistent=False)
 
         # encoder geometry, read before an adapter wraps it
-        if self.is_vit:
-            ps = model.patch_embed.patch_size
-            self.patch_size: tuple[int, int] = (int(ps[0]), int(ps[1])) if isinstance(ps, Sequence) else (ps, ps)
-            self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-            fixed = not getattr(model, "dynamic_img_size", False) and getattr(
-                model.patch_embed, "strict_img_size", False
-            )
-            self._fixed_size = tuple(model.patch_embed.img_size) if fixed else None
-            n_up = max(1, int(math.log2(min(self.patch_size))))
-            self.decoder: nn.Module = ProgressiveDecoder(model.num_features, n_classes, decoder_channels, n_up)
-            channels_last = False
-        else:
-            self.decoder = UNetDecoder(model.feature_info.channels(), n_classes, decoder_channels)
-            channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
-        self._channels_last = channels_last
+        self.decoder: nn.Module = self.decoder_spec.build(model, n_classes, decoder_channels)
         self._base_keys = frozenset(model.state_dict())
 
         name = adapter.lower() if adapter is not None else None
@@ -359,9 +516,7 @@ class SegModel(nn.Module):
         elif self.mode == "adapter":
             from pathopeft import adapters
 
-            tg: str | list[str] = targets or ("attn" if self.is_vit else "all-conv")
-            if not self.is_vit and tg in ("all-conv", "all"):
-                tg = _without_stem(model, adapters.resolve_targets(model, tg))
+            tg = self.decoder_spec.adapter_targets(model, targets)
             model = adapters.create(name, model, targets=tg, **(adapter_kwargs or {}))
         self.encoder = model
         self.train()
@@ -383,29 +538,7 @@ class SegModel(nn.Module):
     # --- forward --------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Normalised images → encoder feature maps (NCHW), shallow to deep (a single map for ViTs)."""
-        if self.is_vit:
-            h, w = x.shape[-2:]
-            ph, pw = self.patch_size
-            if h % ph or w % pw:
-                raise ValueError(
-                    f"input {h}×{w} is not a multiple of the patch size {ph}×{pw} of {self.config['encoder']}: "
-                    "use crops (and padding) of a multiple of the patch size"
-                )
-            if self._fixed_size is not None and (h, w) != self._fixed_size:
-                raise ValueError(
-                    f"{self.config['encoder']} is built for {self._fixed_size[0]}×{self._fixed_size[1]} inputs, got "
-                    f"{h}×{w}: set img_size to the crop size"
-                )
-            out = self.encoder.forward_features(x)
-            if out.ndim == 3:  # tokens (B, N, D): drop class/distillation/register tokens, back to a map
-                tokens = out[:, self.num_prefix_tokens :]
-                out = tokens.transpose(1, 2).reshape(out.shape[0], out.shape[-1], h // ph, w // pw)
-            return [out]  # samvit: its neck returns (B, C, h, w) already
-        feats = self.encoder(x)
-        feats = list(feats.values()) if isinstance(feats, dict) else list(feats)
-        if self._channels_last:
-            feats = [f.permute(0, 3, 1, 2) for f in feats]
-        return feats
+        return self.decoder_spec.encode(self.encoder, x, self.config["encoder"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1], (B, 3, H, W) → logits (B, n_classes, H, W)."""
@@ -417,9 +550,7 @@ class SegModel(nn.Module):
         x = (x - self.mean) / self.std
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "frozen"):
             feats = self.encode(x)
-        if self.is_vit:
-            return self.decoder(feats[0], size)
-        return self.decoder(feats, size)
+        return self.decoder_spec.decode(self.decoder, feats, size)
 
     # --- what training changes ------------------------------------------------------------------------
     def _is_trained_key(self, key: str) -> bool:

@@ -43,7 +43,13 @@ class SegCheckpointError(UserError, ValueError):
 
 
 def early_stopping(patience: int = 10, **kwargs: Any) -> EarlyStopping:
-    """Stop when the validation Dice has not improved for ``patience`` validation runs."""
+    """Stop when the validation Dice has not improved for ``patience`` validation runs.
+
+    Checked after validation only (``check_on_train_epoch_end=False``): ``val/dice`` exists only then, and a
+    ``ckpt_path`` resume from a checkpoint saved at validation end runs ``on_train_epoch_end`` first, where
+    Lightning would stop with "metric val/dice which is not available".
+    """
+    kwargs.setdefault("check_on_train_epoch_end", False)
     return EarlyStopping(monitor="val/dice", mode="max", patience=patience, **kwargs)
 
 
@@ -169,6 +175,17 @@ class SegModule(pl.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr * 1e-2)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The callback the adapter's ``ADAPTERS`` entry says training needs (SNELLA's budget schedule), so
+        every Trainer that fits this module runs it; none for other methods or without an adapter."""
+        from pathopeft.adapters import ADAPTERS
+
+        name = self.model.config["adapter"]
+        if self.model.mode != "adapter" or name not in ADAPTERS:  # frozen/full, or a PEFT method by its name
+            return []
+        factory = ADAPTERS.entry(name).caps["callback"]
+        return [factory()] if factory is not None else []
 
     # --- small checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

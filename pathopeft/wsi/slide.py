@@ -3,6 +3,10 @@
 A :class:`Slide` only opens and reads; tissue detection, tiling and models live elsewhere. All read
 coordinates are level-0 pixels (OpenSlide's convention), so coordinates written to H5 files mean the same
 whatever level was read.
+
+Readers are the entries of :data:`SLIDE_READERS`: a :class:`Slide` subclass registered with
+``@SLIDE_READERS.register("name", suffixes=(".ext",), priority=n)`` is tried by :func:`open_slide` for
+those suffixes (``None``: any file), lowest ``priority`` first, and its name becomes ``slide.backend``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from PIL import Image
 from typing_extensions import Self
 
 from pathopeft.errors import UserError
+from pathopeft.registry import Registry
 from pathopeft.wsi.resolution import MppInfo, resolve_mpp
 
 
@@ -26,7 +31,7 @@ class SlideError(UserError, RuntimeError):
 
 
 class Slide(ABC):
-    """Read-only access to a pyramidal (or single-level) slide."""
+    """Read-only access to a pyramidal (or single-level) slide; ``backend`` is the reader that opened it."""
 
     backend: str = "abstract"
 
@@ -109,6 +114,13 @@ class Slide(ABC):
         return f"{type(self).__name__}({str(self.path)!r}, dims={self.dimensions}, levels={self.level_count})"
 
 
+#: Slide readers by name: ``suffixes`` (lower-case, with the dot; ``None`` = any file) and ``priority``
+#: (lower is tried first; ties keep registration order). Every reader raises :class:`SlideError` on a file
+#: it cannot read, so the next one gets a try.
+SLIDE_READERS: Registry[type[Slide]] = Registry("slide reader", {"suffixes": None, "priority": 0})
+
+
+@SLIDE_READERS.register("openslide", suffixes=None, priority=0)
 class OpenSlideSlide(Slide):
     """SVS, NDPI, MRXS, SCN, tiled TIFF … through the OpenSlide library shipped by ``openslide-bin``."""
 
@@ -160,6 +172,7 @@ class OpenSlideSlide(Slide):
             self._osr = None
 
 
+@SLIDE_READERS.register("tifffile", suffixes=(".tif", ".tiff"), priority=10)
 class TiffSlide(Slide):
     """Plain (non-pyramidal, stripped or tiled) RGB TIFFs that OpenSlide refuses.
 
@@ -239,33 +252,37 @@ def _tiff_page_properties(page: Any) -> dict[str, str]:  # page: tifffile.TiffPa
     return props
 
 
-#: File suffixes handed to OpenSlide first; anything else still gets a try before the TIFF fallback.
-OPENSLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".svslide", ".vms", ".vmu", ".bif", ".tif", ".tiff"})
+def readers_for(path: str | os.PathLike[str]) -> list[str]:
+    """The registered readers that take ``path``'s suffix, in the order :func:`open_slide` tries them."""
+    suffix = Path(path).suffix.lower()
+    entries = [SLIDE_READERS.entry(n) for n in SLIDE_READERS]
+    take = [e for e in entries if e.caps["suffixes"] is None or suffix in e.caps["suffixes"]]
+    return [e.name for e in sorted(take, key=lambda e: e.caps["priority"])]
 
 
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
-    """Open ``path`` with the first backend that can read it.
+    """Open ``path`` with the first registered reader that can read it (see :data:`SLIDE_READERS`).
 
     Args:
         path: slide file.
         mpp: level-0 µm/px from a manifest, used only when the file's metadata has none.
 
     Raises:
-        SlideError: the file is missing, unsupported or unreadable; the message names the file.
+        SlideError: the file is missing, unsupported or unreadable; the message names the file and what
+            every reader tried said.
     """
     p = Path(path)
     if not p.is_file():
         raise SlideError(f"{p}: no such file")
     errors = []
-    try:
-        return OpenSlideSlide(p, mpp)
-    except SlideError as e:
-        errors.append(str(e))
-    if p.suffix.lower() in (".tif", ".tiff"):
+    for name in readers_for(p):
         try:
-            return TiffSlide(p, mpp)
+            slide = SLIDE_READERS.get(name)(p, mpp)
         except SlideError as e:
             errors.append(str(e))
+            continue
+        slide.backend = name  # the status files record which reader opened it
+        return slide
     raise SlideError(f"{p}: unsupported or unreadable slide ({'; '.join(e.split(': ', 1)[-1] for e in errors)})")
 
 

@@ -4,7 +4,7 @@ A detector is anything with ``name``, ``params()`` and ``detect(image, mpp) -> b
 :class:`OtsuTissueDetector` is the classic HSV-saturation recipe. All size parameters are physical (µm,
 µm²) and converted to pixels at the working resolution, so the same config means the same thing on a 0.25
 and a 0.5 µm/px scan. A learned segmenter plugs in by implementing the same three members and registering
-in :data:`TISSUE_DETECTORS`.
+its class with ``@TISSUE_DETECTORS.register("name")`` (then ``--tissue name`` picks it).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from pathopeft.registry import Registry
 
 if TYPE_CHECKING:
     from pathopeft.wsi.slide import Slide
@@ -37,10 +39,15 @@ class TissueDetector(Protocol):
         ...
 
 
+#: Tissue detector classes by name (``--tissue otsu``), in registration order.
+TISSUE_DETECTORS: Registry[type] = Registry("tissue detector")
+
+
 def _disk_radius_px(size_um: float, mpp: float) -> int:
     return max(0, round(size_um / mpp / 2))
 
 
+@TISSUE_DETECTORS.register("otsu")
 @dataclass
 class OtsuTissueDetector:
     """HSV saturation → median blur → Otsu (or fixed) threshold → closing → area filters in µm².
@@ -98,17 +105,9 @@ class OtsuTissueDetector:
         return mask
 
 
-#: Tissue detectors by name (``--tissue otsu``); a learned model registers here.
-TISSUE_DETECTORS: dict[str, type] = {"otsu": OtsuTissueDetector}
-
-
 def create_detector(name: str = "otsu", **params: Any) -> TissueDetector:
-    """Build a tissue detector by registered name."""
-    try:
-        cls = TISSUE_DETECTORS[name]
-    except KeyError:
-        raise KeyError(f"unknown tissue detector {name!r}; known: {sorted(TISSUE_DETECTORS)}") from None
-    return cls(**params)
+    """Build a tissue detector by registered name; an unknown name is an ``UnknownPluginError`` listing them."""
+    return TISSUE_DETECTORS.get(name)(**params)
 
 
 @dataclass

@@ -1,23 +1,27 @@
 """The adapter conformance matrix: every registered method × every toy model, the same checks.
 
-A method added with ``pathopeft.adapters.register`` (or to the PEFT LoRA family) is in the matrix without
-touching this file.
+The matrix iterates ``ADAPTERS`` and asks each entry's capabilities: a method registered with
+``pathopeft.adapters.register`` (or a PEFT entry) is in the matrix without touching this file; the CNN toy
+runs only for ``conv=True`` entries, identity at init is checked for entries that claim it.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import ClassVar
 
+import lightning.pytorch as pl
 import pytest
 import timm
 import torch
 from torch import nn
 
 from pathopeft import adapters
-from pathopeft.adapters.core import AdaptedLayer, weight_2d
-from pathopeft.adapters.registry import _OURS, supports_conv
+from pathopeft.adapters import ADAPTERS
+from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, Delta, weight_2d
 
-METHODS = adapters.list_methods()
+METHODS = list(ADAPTERS)
 RANK = 4
 
 
@@ -77,7 +81,11 @@ def spec(method: str) -> tuple[str, dict]:
     return VARIANTS.get(method, (method, {}))
 
 
-CASES = [(m, t) for m in ALL for t in TOYS if t != "cnn" or supports_conv(spec(m)[0])]
+def caps(method: str) -> dict:
+    return ADAPTERS.entry(spec(method)[0]).caps
+
+
+CASES = [(m, t) for m in ALL for t in TOYS if t != "cnn" or caps(m)["conv"]]
 
 
 def build(toy: str, seed: int = 0) -> nn.Module:
@@ -95,11 +103,6 @@ def wrap(method: str, toy: str, seed: int = 0) -> nn.Module:
 def x_for(toy: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     return torch.randn(*TOYS[toy][2], generator=g)
-
-
-def claims_identity(method: str) -> bool:
-    method = spec(method)[0]
-    return _OURS[method].delta_cls.claims_identity_at_init if method in _OURS else True
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, lr: float = 0.5) -> list[float]:
@@ -133,9 +136,10 @@ def expected_trainable(method: str, model: nn.Module, targets: str) -> int:
     for name in adapters.resolve_targets(model, targets):
         layer = mods[name]
         out_f, in_f = weight_2d(layer).shape
-        if method in _OURS:
-            cfg = _OURS[method].config_cls(r=RANK, target_modules=[name], **kw)
-            total += _OURS[method].delta_cls.expected_trainable(out_f, in_f, cfg)
+        ours = ADAPTERS.get(method)
+        if ours.delta_cls is not None:
+            cfg = ours.config_cls(r=RANK, target_modules=[name], **kw)
+            total += ours.delta_cls.expected_trainable(out_f, in_f, cfg)
         else:  # PEFT's LoRA family: A (r × in·kh·kw) and B (out × r); DoRA adds a magnitude per output
             total += RANK * (in_f + out_f) + (out_f if method == "dora" else 0)
     return total
@@ -148,7 +152,7 @@ class TestConformance:
         ref = build(toy)(x)
         out = wrap(method, toy)(x)
         assert out.shape == ref.shape
-        if claims_identity(method):
+        if caps(method)["identity_at_init"]:
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
         else:  # e.g. SNELLA: ΔW is not zero at init (the method does not claim identity)
             assert torch.isfinite(out).all()
@@ -230,7 +234,7 @@ def test_bf16_autocast_on_gpu(method):
     torch.testing.assert_close(merged, unmerged, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not supports_conv(m)])
+@pytest.mark.parametrize("method", ADAPTERS.names(conv=False))
 def test_linear_only_methods_refuse_conv_targets(method):
     with pytest.raises(ValueError, match=r"adapts nn\.Linear only"):
         adapters.create(method, build("cnn"), rank=RANK, targets="all-conv")
@@ -305,3 +309,80 @@ def test_copy_of_wrapped_model_is_independent():
     with torch.no_grad():
         next(p for p in clone.parameters() if p.requires_grad).add_(1.0)
     assert not torch.allclose(model(x_for("vit")), clone(x_for("vit")))
+
+
+# --- the registry: capabilities are claims the entries keep ----------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_entry_capabilities_match_what_create_builds(method):
+    """``backend`` says which wrapper comes back, ``identity_at_init=False`` really moves the output at init, and
+    a ``callback`` is a factory of a Lightning callback."""
+    import peft
+
+    entry = ADAPTERS.entry(method)
+    model = wrap(method, "vit")
+    assert isinstance(model, adapters.AdapterModel if entry.caps["backend"] == "pathopeft" else peft.PeftModel)
+    if not entry.caps["identity_at_init"]:
+        assert not torch.allclose(model(x_for("vit")), build("vit")(x_for("vit")), atol=1e-4)
+    if entry.caps["callback"] is not None:
+        assert isinstance(entry.caps["callback"](), pl.Callback)
+    assert entry.obj.summary, "pathopeft adapters list needs a one-line summary"
+
+
+@dataclass
+class ToyConfig(AdapterConfig):
+    """Toy: a dense trainable ΔW, zero at init."""
+
+    adapter_type: ClassVar[str] = "toy-dense"
+
+
+class ToyDelta(Delta):
+    def __init__(self, base: nn.Module, config: ToyConfig) -> None:
+        super().__init__(base, config)
+        self.dw = nn.Parameter(torch.zeros(self.out_features, self.in_features))
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        return self.dw
+
+    @staticmethod
+    def expected_trainable(out_features: int, in_features: int, config: ToyConfig) -> int:
+        return out_features * in_features
+
+
+@pytest.fixture
+def toy_method():
+    adapters.register("toy-dense", ToyConfig, ToyDelta, conv=True, identity_at_init=True)
+    yield "toy-dense"
+    ADAPTERS.remove("toy-dense")
+
+
+def test_a_registered_method_is_created_saved_loaded_and_listed(toy_method, tmp_path, capsys):
+    """One register() call is the whole integration: factory, files, reload and ``pathopeft adapters list``."""
+    from pathopeft.cli import main
+
+    assert toy_method in adapters.list_methods(include_peft=False)
+    x = x_for("cnn")
+    model = adapters.create(toy_method, build("cnn"), targets="all-conv")
+    torch.testing.assert_close(model(x), build("cnn")(x))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_trainable(
+        toy_method, build("cnn"), "all-conv"
+    )
+    train_steps(model, x)
+    adapters.save(model, tmp_path / "toy")
+    torch.testing.assert_close(adapters.load(build("cnn"), tmp_path / "toy")(x), model(x), atol=1e-5, rtol=1e-4)
+    assert main(["adapters", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in ADAPTERS:
+        line = next((ln for ln in lines if ln.split()[:1] == [name]), None)
+        assert line is not None, f"{name} missing from `pathopeft adapters list`"
+        assert line.split()[1] == ADAPTERS.entry(name).caps["backend"]
+    assert any("Toy: a dense trainable" in ln for ln in lines)
+
+
+def test_pathopeft_files_of_an_unknown_or_peft_type_are_refused(tmp_path):
+    adapters.save(wrap("salt", "vit"), tmp_path / "a")
+    cfg = tmp_path / "a" / "adapter_config.json"
+    for bad, why in (("nope", r"unknown adapter method 'nope'.*known: salt"), ("lora", r"'lora' is PEFT's")):
+        cfg.write_text(cfg.read_text().replace('"adapter_type": "salt"', f'"adapter_type": "{bad}"', 1))
+        with pytest.raises(adapters.AdapterLoadError, match=why):
+            adapters.load(build("vit"), tmp_path / "a")
+        cfg.write_text(cfg.read_text().replace(f'"adapter_type": "{bad}"', '"adapter_type": "salt"', 1))

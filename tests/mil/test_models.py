@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pathopeft.mil.models import (
     ABMIL,
     GDAT,
+    MIL_MODELS,
     MILModel,
     MILOutput,
     TransMIL,
@@ -26,9 +27,10 @@ from pathopeft.mil.models import (
 )
 from pathopeft.mil.models.gdat import assign_groups, group_means
 from pathopeft.mil.models.transmil import NystromAttention, moore_penrose_pinv
+from pathopeft.registry import UnknownPluginError
 
 D, H, C = 24, 32, 3  # small: the matrix is about the contract, not capacity
-MODELS = list_mil_models()
+MODELS = list(MIL_MODELS)
 # Per-model settings that keep the matrix fast but still exercise every code path: TransMIL with 32 landmarks
 # uses exact attention at N ≤ 25 (sequence ≤ 32) and the Nyström path at N = 300 (the m×m pseudo-inverse
 # costs O(m³), which at the default m = 256 would dominate these tiny bags).
@@ -73,6 +75,21 @@ def test_registry_lists_the_zoo() -> None:
 def test_unknown_model_lists_known_names() -> None:
     with pytest.raises(ValueError, match=r"unknown MIL model 'nope'.*abmil.*gdat.*transmil"):
         create_mil_model("nope", D, C)
+    with pytest.raises(UnknownPluginError, match=r"did you mean 'abmil'"):  # a UserError: one line in the CLI
+        mil_model_class("abmi")
+
+
+def test_a_decorated_class_is_a_model_of_the_registry() -> None:
+    @register_mil_model("Toy-Mean")
+    class ToyMean(ABMIL):
+        pass
+
+    try:
+        assert list_mil_models()[-1] == "toy-mean"
+        assert isinstance(create_mil_model("toy-mean", D, C, hidden_dim=H), ToyMean)
+    finally:
+        MIL_MODELS.remove("toy-mean")
+    assert "toy-mean" not in list_mil_models()
 
 
 def test_register_rejects_duplicates_and_non_models() -> None:

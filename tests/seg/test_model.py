@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pathopeft import adapters
-from pathopeft.adapters.registry import supports_conv
-from pathopeft.seg.model import SegModel, _base_key
+from pathopeft.adapters import ADAPTERS, SnellaBudgetCallback
+from pathopeft.registry import UnknownPluginError
+from pathopeft.seg.model import SEG_DECODERS, DecoderError, SegModel, UNetSpec, ViTProgressiveSpec, _base_key
 from pathopeft.seg.module import SegModule, early_stopping, one_hot
 
-METHODS = adapters.list_methods()
+METHODS = list(ADAPTERS)
 MODES = [None, "full", *METHODS]  # None = frozen encoder, decoder-only
-CONV_MODES = [None, "full", *(m for m in METHODS if supports_conv(m))]
+CONV_MODES = [None, "full", *ADAPTERS.names(conv=True)]
 N_CLASSES = 3
 
 TINY_VIT: dict[str, Any] = {
@@ -143,7 +143,7 @@ def test_cnn_one_step_trains_only_adapter_and_decoder(adapter: str | None) -> No
     one_step("cnn", adapter)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not supports_conv(m)])
+@pytest.mark.parametrize("method", ADAPTERS.names(conv=False))
 def test_linear_only_method_on_cnn_raises(method: str) -> None:
     with pytest.raises(ValueError, match=r"nn\.Linear only"):
         build("cnn", method)
@@ -204,8 +204,57 @@ def test_samvit_and_prefix_tokens() -> None:
     )
     assert sam(torch.rand(2, 3, 32, 32)).shape == (2, N_CLASSES, 32, 32)
     deit = SegModel("deit_tiny_distilled_patch16_224", N_CLASSES, img_size=32, encoder_kwargs={"depth": 1})
-    assert deit.num_prefix_tokens == 2
+    assert deit.decoder_spec.num_prefix_tokens == 2
     assert deit(torch.rand(1, 3, 32, 32)).shape == (1, N_CLASSES, 32, 32)
+
+
+def test_auto_decoder_follows_the_encoder_and_a_wrong_choice_is_clear() -> None:
+    vit, cnn = build("vit", None), build("cnn", None)
+    assert vit.config["decoder"] == "vit-progressive"
+    assert isinstance(vit.decoder_spec, ViTProgressiveSpec)
+    assert cnn.config["decoder"] == "unet"
+    assert isinstance(cnn.decoder_spec, UNetSpec)
+    assert list(SEG_DECODERS)[:2] == ["vit-progressive", "unet"]
+    explicit = build("cnn", None, decoder="UNet")  # names are case-insensitive
+    assert explicit.config["decoder"] == "unet"
+    with pytest.raises(DecoderError, match=r"decoder 'unet' takes CNN .*encoder 'vit_tiny_patch16_224' is not one"):
+        build("vit", None, decoder="unet")
+    with pytest.raises(DecoderError, match=r"decoder 'vit-progressive' takes ViT-like .*decoders that take it: unet"):
+        build("cnn", None, decoder="vit-progressive")
+    with pytest.raises(UnknownPluginError, match=r"unknown segmentation decoder 'fpn'.*known: vit-progressive, unet"):
+        build("cnn", None, decoder="fpn")
+
+
+def test_config_with_the_resolved_decoder_rebuilds_the_same_model() -> None:
+    """The config keeps the chosen decoder by name: rebuilding from it gives the same predictions."""
+    for toy in TOYS:
+        model = build(toy, None).eval()
+        torch.manual_seed(5)  # a different decoder init: only the state dict below makes them equal
+        again = SegModel(**model.config).eval()
+        again.load_trainable_state_dict(model.trainable_state_dict())
+        x = batch_for(toy)["image"]
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.mark.parametrize("adapter", [None, "full", *METHODS], ids=lambda m: str(m or "frozen"))
+def test_module_attaches_the_callback_of_its_adapter_entry(adapter: str | None) -> None:
+    module = SegModule(build("vit", adapter))
+    factory = ADAPTERS.entry(adapter).caps["callback"] if adapter in ADAPTERS else None
+    callbacks = module.configure_callbacks()
+    assert [type(c) for c in callbacks] == ([factory] if factory is not None else [])
+
+
+def test_snella_budget_callback_runs_in_a_fit_and_lora_gets_none(tmp_path: Path) -> None:
+    snella = SegModule(build("vit", "snella", decoder_channels=16), lr=1e-2)
+    trainer = _fit_one_step(snella, batch_for("vit"), tmp_path)
+    budget = [c for c in trainer.callbacks if isinstance(c, SnellaBudgetCallback)]
+    assert len(budget) == 1
+    assert budget[0].allocator is not None  # on_fit_start built it from the SegModule's SNELLA layers
+    assert "snella/mean_sparsity" in trainer.callback_metrics
+    lora = SegModule(build("vit", "lora", decoder_channels=16), lr=1e-2)
+    trainer = _fit_one_step(lora, batch_for("vit"), tmp_path / "lora")
+    assert not [c for c in trainer.callbacks if isinstance(c, SnellaBudgetCallback)]
 
 
 def test_load_trainable_state_dict_errors() -> None:

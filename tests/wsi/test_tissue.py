@@ -1,9 +1,11 @@
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pathopeft.registry import UnknownPluginError
 from pathopeft.wsi.tissue import TISSUE_DETECTORS, OtsuTissueDetector, TissueDetector, TissueMask, create_detector
 from tests._tiny import blob_image
 
@@ -66,8 +68,32 @@ def test_fixed_threshold_and_validation():
 def test_registry_and_protocol():
     assert isinstance(create_detector("otsu"), TissueDetector)
     assert "otsu" in TISSUE_DETECTORS
-    with pytest.raises(KeyError, match="unknown tissue detector"):
+    assert TISSUE_DETECTORS.get("otsu") is OtsuTissueDetector
+    with pytest.raises(UnknownPluginError, match=r"unknown tissue detector 'unet' \(known: otsu"):
         create_detector("unet")
+    assert issubclass(UnknownPluginError, KeyError)  # callers that caught the KeyError still do
+
+
+def test_a_registered_detector_is_created_by_name():
+    @TISSUE_DETECTORS.register("everything")
+    @dataclass
+    class Everything:
+        mpp: float = 8.0
+        name: str = "everything"
+
+        def params(self):
+            return {"mpp": self.mpp}
+
+        def detect(self, image, mpp):
+            return np.ones(image.shape[:2], dtype=bool)
+
+    try:
+        det = create_detector("everything", mpp=2.0)
+        assert isinstance(det, TissueDetector)
+        assert det.detect(blob_image(), 2.0).all()
+    finally:
+        TISSUE_DETECTORS.remove("everything")
+    assert "everything" not in TISSUE_DETECTORS
 
 
 def test_tile_fractions_summed_area_table():

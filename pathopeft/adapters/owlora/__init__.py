@@ -1,3 +1,4 @@
+from pathopeft.adapters.core import register
 from pathopeft.adapters.owlora.config import OwloraConfig
 from pathopeft.adapters.owlora.layer import (
     OwloraDelta,
@@ -8,6 +9,9 @@ from pathopeft.adapters.owlora.layer import (
     protect_current,
     set_active_tasks,
 )
+
+# zero B at init: the identity; protect_inputs needs each task's layer inputs (collect_inputs) before next_task
+register("owlora", OwloraConfig, OwloraDelta, conv=True, identity_at_init=True, needs_data=True)
 
 __all__ = [
     "OwloraConfig",

@@ -51,8 +51,6 @@ def sparsify(k: torch.Tensor, sparsity: float, weighted: bool) -> torch.Tensor:
 
 
 class SnellaDelta(Delta):
-    claims_identity_at_init = False
-
     def __init__(self, base: nn.Module, config: SnellaConfig) -> None:
         super().__init__(base, config)
         half = config.r // 2

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pathopeft.mil.models import register_mil_model
-from pathopeft.mil.models.base import MILModel, MILOutput, check_bag
+from pathopeft.mil.models.base import MILModel, MILOutput, check_bag, register_mil_model
 
 
 class GatedAttention(nn.Module):

@@ -4,14 +4,22 @@ which model they drive.
 A bag is one slide: ``x`` (N, D) instance features and optionally ``coords`` (N, 2) level-0 top-left tile
 coordinates (int or float). Bags are processed one at a time (no padding to the largest bag), so N may be
 anything from 1 to 10^5+.
+
+Models register where they are defined, ``@register_mil_model("abmil")`` on the class, into
+:data:`MIL_MODELS`; it lives here, beside the contract, so model modules import only this file and the
+package ``__init__`` imports them without a cycle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+from pathopeft.registry import Registry
 
 
 @dataclass
@@ -35,6 +43,23 @@ class MILModel(nn.Module):
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         raise NotImplementedError
+
+
+M = TypeVar("M", bound=type[MILModel])
+
+#: Every MIL model by name (``create_mil_model("gdat", ...)``), in registration order.
+MIL_MODELS: Registry[type[MILModel]] = Registry("MIL model")
+
+
+def register_mil_model(name: str) -> Callable[[M], M]:
+    """Class decorator: make ``cls`` available as ``create_mil_model(name, ...)``; a name is registered once."""
+
+    def deco(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, MILModel)):
+            raise TypeError(f"register_mil_model({name!r}) expects a MILModel subclass, got {cls!r}")
+        return MIL_MODELS.add(name, cls)
+
+    return deco
 
 
 def check_bag(x: torch.Tensor, coords: torch.Tensor | None, in_dim: int) -> torch.Tensor:

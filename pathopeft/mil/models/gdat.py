@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pathopeft.mil.models import register_mil_model
 from pathopeft.mil.models.abmil import GatedAttention
-from pathopeft.mil.models.base import MILModel, MILOutput, check_bag
+from pathopeft.mil.models.base import MILModel, MILOutput, check_bag, register_mil_model
 
 
 def assign_groups(

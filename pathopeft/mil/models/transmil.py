@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pathopeft.mil.models import register_mil_model
-from pathopeft.mil.models.base import MILModel, MILOutput, check_bag
+from pathopeft.mil.models.base import MILModel, MILOutput, check_bag, register_mil_model
 
 
 def moore_penrose_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
