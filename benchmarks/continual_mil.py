@@ -1,8 +1,8 @@
 """CoMEL against the continual baselines on real H&E bags (issue 4), with the trivial colour baseline beside it.
 
-Builds (once, cached) LC25000 lung bags with known tile labels — ``pathopeft.mil.bags.build_bags``: k×k
+Builds (once, cached) LC25000 lung bags with known tile labels — ``pathopeft.datasets.lc25000.build_bags``: k×k
 grids of real tiles, split by near-duplicate group, a contiguous tumour blob in positive bags — then runs
-every strategy of ``pathopeft.mil.continual`` on the task sequence aca-vs-benign → scc-vs-benign with the
+every strategy of ``pathopeft.mil.strategies`` on the task sequence aca-vs-benign → scc-vs-benign with the
 same seed and prints one table per setting: average accuracy, forgetting, backward transfer, final instance
 AUC, train time and peak memory; and the colour-histogram nearest-centroid baseline.
 
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from pathopeft.mil.bags import BagSpec, build_bags, colour_centroid_baseline
-from pathopeft.mil.continual import STRATEGIES, ContinualConfig, compare, load_config
+from pathopeft.datasets.lc25000 import BagSpec, build_bags, colour_centroid_baseline
+from pathopeft.mil.config import ContinualConfig, load_config
+from pathopeft.mil.continual import compare
+from pathopeft.mil.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PATHOPEFT_SHARED", ROOT.parent / "shared"))
@@ -42,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bags-per-class", type=int, default=50)
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--hard", action="store_true", help="1–5 %% witness rate instead of 5–30 %%")
-    p.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES if s != "owlora"])
+    p.add_argument("--strategies", nargs="+", default=STRATEGIES.names(ablation=False))
     p.add_argument("--settings", nargs="+", default=["class", "task"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int, default=0)

@@ -21,14 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from pathopeft.mil.bags import (
-    SPLITS,
-    TASKS,
-    BagSpec,
-    build_bags,
-    colour_centroid_baseline,
-    read_bag_manifest,
-)
+from pathopeft.datasets.lc25000 import EXTRA_COLUMNS, SPLITS, TASKS, BagSpec, build_bags, colour_centroid_baseline
+from pathopeft.mil.data import read_bag_manifest
 
 DEFAULT_ROOT = REPO.parent / "shared" / "patch_data" / "lc25000_lung224"
 
@@ -52,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def summary_table(manifest: Path) -> str:
     """Bags per (task, split, label) and their mean witness rate, as aligned text."""
     cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for r in read_bag_manifest(manifest):
-        cells[(r["task"], r["split"], r["label"])].append(float(r["witness_rate"]))
+    for r in read_bag_manifest(manifest, extra_columns=EXTRA_COLUMNS):
+        cells[(r.task, r.split, r.label)].append(float(r.extra["witness_rate"]))
     lines = [f"{'task':<5} {'split':<6} {'label':<7} {'bags':>5} {'witness':>8}"]
     for task in TASKS:
         for split in SPLITS:

@@ -1,33 +1,26 @@
-"""The continual runner: train task after task, evaluate on every task seen, save, resume after a crash.
+"""The continual runner: train step after step, evaluate on every task seen, save, resume after a crash.
 
-One run = one strategy on one task sequence:
+One run = one strategy (:mod:`pathopeft.mil.strategies`) on one task sequence (:class:`ContinualConfig`).
+The runner is the same for every strategy: at each point where strategies differ it calls the run's
+strategy hook (which net trains, on which bags and classes, with which extra loss; what is evaluated after
+each step; which adapters serve which task), so a new strategy needs no change here.
 
-* ``comel``     — GDAT (or any registered model) + BPPL instance head; task 1 trains the whole net, every later
-  task adds an OWLoRA adapter (orthogonal to earlier adapters and to earlier tasks' input subspaces, per-task
-  weight) on all its linear layers, bag and instance classifiers included. Rehearsal-free.
-* ``owlora``    — the same without BPPL (ablation).
-* ``lora``      — one plain LoRA per later task (no orthogonality, no weights): the adapter baseline.
-* ``finetune``  — keep training the same net (lower bound).
-* ``ewc``       — finetune + elastic weight consolidation (Kirkpatrick et al. 2017).
-* ``replay``    — finetune + a small buffer of earlier tasks' training bags (experience replay).
-* ``joint``     — one training run on all tasks together (upper bound).
-
-Settings: ``class`` incremental (one label space, no task id at test time) or ``task`` incremental (the
-task id selects the classes, and for adapter strategies the adapters up to that task).
-
-After every task the runner writes ``task_<t>/net.pt`` (the whole net, for resuming), the adapters as
-safetensors (``task_<t>/adapters``) and ``state.json`` (atomically); a rerun resumes after the last finished
-task. Results: ``results.csv``, ``results.md``, ``R_<strategy>.png`` and per-slide heatmaps.
+After every step the runner writes ``task_<t>/net.pt`` (the whole net, for resuming), the adapters as
+safetensors (``task_<t>/adapters``, when the net has any) and ``state.json``, each atomically
+(:mod:`pathopeft.io`); a rerun resumes after the last finished step. Results: ``results.csv``,
+``results.md``, ``R_<strategy>.png``, ``tile_scores.h5`` and per-slide heatmaps.
 
 Before any training every bag of the configured tasks is checked once (:func:`prepare_bags`): a bad file
 stops the run in seconds with one line naming it; bags with 0 tiles are skipped and listed in
-``skipped_bags.csv`` and ``state.json``. A task that trains into NaN/Inf is never saved, so a rerun resumes
-after the last good task.
+``skipped_bags.csv`` and ``state.json``. A step that trains into NaN/Inf is never saved, so a rerun resumes
+after the last good one.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import logging
 import math
@@ -35,7 +28,7 @@ import os
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +37,41 @@ import numpy as np
 import torch
 
 from pathopeft import adapters
-from pathopeft.adapters.owlora import collect_inputs, next_task, protect_current, set_active_tasks
+from pathopeft.adapters.owlora import set_active_tasks
 from pathopeft.errors import UserError
-from pathopeft.mil import metrics
+from pathopeft.io import atomic_h5, atomic_write_bytes, atomic_write_text
 from pathopeft.mil.bppl import BPPLConfig
+from pathopeft.mil.config import ContinualConfig, load_config
 from pathopeft.mil.data import (
     BagDataModule,
-    BagDataset,
     BagManifestError,
     BagRecord,
+    PreparedBags,
     SkippedBag,
     load_bag,
     read_bag_manifest,
     validate_bags,
 )
-from pathopeft.mil.module import ContinualMILModule, MILNet, fisher_diagonal, predict_bag
+from pathopeft.mil.metrics import instance_metrics
+from pathopeft.mil.module import ContinualMILModule, MILNet, predict_bag
+from pathopeft.mil.plots import plot_instance_heatmap
+from pathopeft.mil.report import ContinualReport
+from pathopeft.mil.strategies import STRATEGIES
+
+__all__ = [
+    "STRATEGIES",
+    "ContinualConfig",
+    "ContinualError",
+    "ContinualRunner",
+    "InjectedCrash",
+    "NonFiniteTrainingError",
+    "compare",
+    "load_config",
+    "prepare_bags",
+    "run_continual",
+]
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("comel", "owlora", "lora", "finetune", "ewc", "replay", "joint")
-ADAPTER_STRATEGIES = ("comel", "owlora", "lora")
 
 
 class InjectedCrash(RuntimeError):
@@ -70,82 +79,12 @@ class InjectedCrash(RuntimeError):
 
 
 class ContinualError(UserError, ValueError):
-    """A run that cannot start as configured (config file, out_dir); the message names the file."""
+    """A run that cannot go on as configured (out_dir of another configuration); the message names the file."""
 
 
 class NonFiniteTrainingError(UserError, RuntimeError):
     """A task trained into NaN/Inf (loss, weights or accuracy): it is not saved, so earlier tasks stay the
     resume point instead of a poisoned checkpoint."""
-
-
-@dataclass
-class ContinualConfig:
-    manifest: str
-    out_dir: str
-    strategy: str = "comel"
-    setting: str = "class"
-    classes: list[str] = field(default_factory=lambda: ["benign", "aca", "scc"])
-    tasks: list[str] = field(default_factory=lambda: ["aca", "scc"])
-    task_class: dict[str, str] = field(default_factory=dict)  # task → its tumour class (default: same name)
-    benign: str = "benign"
-    model: str = "gdat"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    seed: int = 0
-    use_bppl: bool | None = None  # default: only for comel
-    bppl: dict[str, Any] = field(default_factory=dict)
-    owlora: dict[str, Any] = field(default_factory=lambda: {"r": 8})
-    ewc_lambda: float = 50.0
-    replay_per_task: int = 4
-    collect_bags: int = 32  # training bags per task used to estimate the input subspaces
-    heatmaps: int = 2  # per task, from the test split, with the final model
-    train_classes: str = "current"  # logits trained per task: "current" (benign + this task's class) or "seen"
-    accelerator: str = "cpu"
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r} unknown; choose from {STRATEGIES}")
-        if self.setting not in ("class", "task"):
-            raise ValueError(f"setting must be 'class' or 'task', got {self.setting!r}")
-        if self.train_classes not in ("current", "seen"):
-            raise ValueError(f"train_classes must be 'current' or 'seen', got {self.train_classes!r}")
-        if self.benign not in self.classes:
-            raise ValueError(f"benign class {self.benign!r} is not in classes {self.classes}")
-        for t in self.tasks:
-            if self.task_class.get(t, t) not in self.classes:
-                raise ValueError(f"task {t!r}: class {self.task_class.get(t, t)!r} is not in classes {self.classes}")
-
-    @property
-    def bppl_on(self) -> bool:
-        return self.use_bppl if self.use_bppl is not None else self.strategy == "comel"
-
-    def cls(self, name: str) -> int:
-        return self.classes.index(name)
-
-    def train_allowed(self, t: int) -> list[int]:
-        """Classes in the training softmax of task ``t``. "current" keeps old classes' logits out of the loss,
-        so learning a new class does not push the old ones down (the usual rehearsal-free CIL masking, as in
-        L2P/DualPrompt); used by every strategy alike."""
-        if self.strategy == "replay" and self.setting == "class":  # replayed bags carry earlier classes
-            return self.allowed(t)
-        if self.train_classes == "current" or self.setting == "task":
-            return [self.cls(self.benign), self.cls(self.task_class.get(self.tasks[t], self.tasks[t]))]
-        return self.allowed(t)
-
-    def allowed(self, t: int) -> list[int]:
-        """Classes the model may predict while training task ``t`` (and when evaluating task ``t`` in TIL)."""
-        if self.setting == "task":
-            return [self.cls(self.benign), self.cls(self.task_class.get(self.tasks[t], self.tasks[t]))]
-        return [self.cls(self.benign)] + [self.cls(self.task_class.get(s, s)) for s in self.tasks[: t + 1]]
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def _non_finite(net: torch.nn.Module) -> str | None:
@@ -157,15 +96,6 @@ def _non_finite(net: torch.nn.Module) -> str | None:
         if bad:
             return f"{kind} {name} holds {bad} non-finite value(s) of {x.numel()}"
     return None
-
-
-@dataclass
-class PreparedBags:
-    """The checked bags of a run: those kept, those skipped (with reasons) and their feature dimension."""
-
-    records: list[BagRecord]
-    skipped: list[SkippedBag]
-    in_dim: int
 
 
 def prepare_bags(cfg: ContinualConfig) -> PreparedBags:
@@ -193,7 +123,7 @@ def prepare_bags(cfg: ContinualConfig) -> PreparedBags:
     for t in cfg.tasks:
         if not any(r.task == t and r.split == "test" for r in kept):
             log.warning("%s: task %r has no test bags; its accuracy will read 0", manifest, t)
-    return PreparedBags(kept, skipped, in_dim)
+    return PreparedBags(kept, skipped, in_dim, list(cfg.classes))
 
 
 def _write_skipped(path: Path, skipped: list[SkippedBag]) -> None:
@@ -201,14 +131,13 @@ def _write_skipped(path: Path, skipped: list[SkippedBag]) -> None:
     if not skipped:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide_id", "path", "task", "split", "manifest_line", "reason"])
-        for s in skipped:
-            r = s.record
-            w.writerow([r.slide_id, r.path, r.task, r.split, f"{r.manifest}:{r.line}" if r.manifest else "", s.reason])
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "path", "task", "split", "manifest_line", "reason"])
+    for s in skipped:
+        r = s.record
+        w.writerow([r.slide_id, r.path, r.task, r.split, f"{r.manifest}:{r.line}" if r.manifest else "", s.reason])
+    atomic_write_text(path, buf.getvalue())
 
 
 def _seed(seed: int) -> None:
@@ -221,8 +150,9 @@ class ContinualRunner:
     def __init__(self, cfg: ContinualConfig, bags: PreparedBags | None = None) -> None:
         """``bags``: already checked bags of the same manifest/tasks/classes (``compare`` checks them once)."""
         self.cfg = cfg
-        bags = bags or prepare_bags(cfg)  # before the output folder exists: a bad bag leaves nothing behind
-        self.records, self.skipped, self.in_dim = bags.records, bags.skipped, bags.in_dim
+        self.data = bags or prepare_bags(cfg)  # before the output folder exists: a bad bag leaves nothing behind
+        self.records, self.skipped, self.in_dim = self.data.records, self.data.skipped, self.data.in_dim
+        self.strategy = STRATEGIES.get(cfg.strategy)(cfg, self.data)
         self.root = Path(cfg.out_dir) / f"{cfg.strategy}-{cfg.setting}"
         self.root.mkdir(parents=True, exist_ok=True)
         _write_skipped(self.root / "skipped_bags.csv", self.skipped)
@@ -237,65 +167,34 @@ class ContinualRunner:
             return state
         return {"config": asdict(self.cfg), "done": 0, "R": [], "I": [], "train_time_s": 0.0, "peak_rss_mib": 0.0}
 
-    def _bags(self, task: str, split: str) -> list[BagRecord]:
-        return [r for r in self.records if r.task == task and r.split == split]
+    def _save_state(self, state: dict[str, Any]) -> None:
+        atomic_write_text(self.state_path, json.dumps(state, indent=2, default=float) + "\n")
 
-    def _loaded(self, records: list[BagRecord], limit: int | None = None) -> list[dict[str, Any]]:
-        ds = BagDataset(records, self.cfg.classes)
-        idx = range(len(ds)) if limit is None else range(min(limit, len(ds)))
-        return [ds[i] for i in idx]
-
-    # --- strategy hooks --------------------------------------------------------------------------------
-    def _before_task(self, net: torch.nn.Module, t: int) -> torch.nn.Module:
-        cfg = self.cfg
-        if cfg.strategy not in ADAPTER_STRATEGIES or t == 0:
-            return net
-        prev = self._loaded(self._bags(cfg.tasks[t - 1], "train"), cfg.collect_bags)
-
-        def forward(bag: dict[str, Any]) -> None:
-            net(bag["features"], bag["coords"].float())
-
-        if t == 1:
-            kw = dict(cfg.owlora)
-            if cfg.strategy == "lora":
-                kw.update(orthogonal=False, weighted=False)
-            net = adapters.create("owlora", net, targets="all-linear", **kw)
-            collect_inputs(net, prev, forward)
-            protect_current(net)
-        else:
-            collect_inputs(net, prev, forward)
-            next_task(net)
-        return net
-
-    def _active_tasks(self, t_eval: int) -> list[int] | None:
-        """TIL with adapters: adapters up to the evaluated task (adapter s serves task s + 1)."""
-        if self.cfg.setting == "task" and self.cfg.strategy in ADAPTER_STRATEGIES:
-            return list(range(t_eval))
-        return None
+    def _set_adapters(self, net: torch.nn.Module, t_eval: int | None) -> None:
+        """Switch on the adapters that serve task ``t_eval`` (None: all again); a no-op without adapters."""
+        if isinstance(net, adapters.AdapterModel):
+            set_active_tasks(net, None if t_eval is None else self.strategy.active_adapters(t_eval))
 
     # --- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, net: torch.nn.Module, t_trained: int) -> tuple[list[float], list[float]]:
+        """Bag accuracy and instance AUC on every task the strategy has seen after step ``t_trained``."""
         cfg = self.cfg
         accs, aucs = [], []
-        last = len(cfg.tasks) - 1 if cfg.strategy == "joint" else t_trained  # joint has seen every task
-        for j in range(last + 1):
-            allowed = cfg.allowed(j) if cfg.setting == "task" else cfg.allowed(last)
-            if self._is_adapted(net):
-                set_active_tasks(net, self._active_tasks(j))
+        seen = self.strategy.tasks_seen(t_trained)
+        for j in seen:
+            allowed = cfg.allowed(j) if cfg.setting == "task" else cfg.allowed(seen[-1])
+            self._set_adapters(net, j)
             correct, n, scores, labels = 0, 0, [], []
-            for bag in self._loaded(self._bags(cfg.tasks[j], "test")):
+            for bag in self.data.loaded(self.data.bags(cfg.tasks[j], "test")):
                 pred = predict_bag(net, bag, allowed, cfg.cls(cfg.benign))
                 correct += int(int(pred["probs"].argmax()) == bag["label"])
                 n += 1
                 if bag["instance_labels"] is not None:
-                    s = self._tile_scores(pred)
-                    scores.append(s)
+                    scores.append(self._tile_scores(pred))
                     labels.append(bag["instance_labels"])
-            if self._is_adapted(net):
-                set_active_tasks(net, None)
+            self._set_adapters(net, None)
             accs.append(correct / max(n, 1))
-            inst = metrics.instance_metrics(torch.cat(scores), torch.cat(labels))["auc"] if scores else float("nan")
-            aucs.append(inst)
+            aucs.append(instance_metrics(torch.cat(scores), torch.cat(labels))["auc"] if scores else float("nan"))
         return accs, aucs
 
     def _tile_scores(self, pred: dict[str, Any]) -> torch.Tensor:
@@ -307,16 +206,11 @@ class ContinualRunner:
         p_tumour = 1.0 - pred["probs"][self.cfg.cls(self.cfg.benign)]
         return p_tumour * pred["attention"] / pred["attention"].max().clamp_min(1e-12)
 
-    @staticmethod
-    def _is_adapted(net: torch.nn.Module) -> bool:
-        return isinstance(net, adapters.AdapterModel)
-
     # --- the loop --------------------------------------------------------------------------------------
     def run(self, crash_after_task: int | None = None) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, strategy = self.cfg, self.strategy
         state = self._load_state()
         _seed(cfg.seed)
-        n_tasks = 1 if cfg.strategy == "joint" else len(cfg.tasks)
         state["skipped_bags"] = [
             {"slide_id": s.record.slide_id, "path": str(s.record.path), "reason": s.reason} for s in self.skipped
         ]
@@ -331,25 +225,15 @@ class ContinualRunner:
             log.info("resuming %s after task %d", self.root, state["done"])
         else:
             net = MILNet(cfg.model, self.in_dim, len(cfg.classes), **cfg.model_kwargs)
-        ewc: dict[str, Any] = {}
-        replay: list[BagRecord] = []
-        for t in range(state["done"], n_tasks):
+        for t in range(state["done"], strategy.n_steps()):
             _seed(cfg.seed + t)
-            if cfg.strategy == "ewc" and t > 0:
-                prev = self._loaded(self._bags(cfg.tasks[t - 1], "train"), cfg.collect_bags)
-                ewc.update(fisher_diagonal(net, prev, cfg.train_allowed(t - 1)))  # one penalty per finished task
-            if cfg.strategy == "replay" and t > 0:
-                rng = random.Random(cfg.seed + t)
-                pool = self._bags(cfg.tasks[t - 1], "train")
-                replay += rng.sample(pool, min(cfg.replay_per_task, len(pool)))
-            net = self._before_task(net, t)
-            tasks = cfg.tasks if cfg.strategy == "joint" else [cfg.tasks[t]]
-            allowed = list(range(len(cfg.classes))) if cfg.strategy == "joint" else cfg.train_allowed(t)
+            net = strategy.before_task(net, t)
+            tasks = strategy.train_tasks(t)
             module = ContinualMILModule(
-                net, allowed, cfg.cls(cfg.benign), cfg.bppl_on, BPPLConfig(**cfg.bppl), cfg.lr, cfg.weight_decay,
-                ewc=ewc if cfg.strategy == "ewc" else None, ewc_lambda=cfg.ewc_lambda,
+                net, strategy.train_classes(t), cfg.cls(cfg.benign), cfg.bppl_on, BPPLConfig(**cfg.bppl), cfg.lr,
+                cfg.weight_decay, **strategy.module_kwargs(t),
             )  # fmt: skip
-            dm = BagDataModule(self.records, cfg.classes, tasks, replay=replay, seed=cfg.seed + t)
+            dm = BagDataModule(self.records, cfg.classes, tasks, replay=strategy.replay_bags(t), seed=cfg.seed + t)
             trainer = pl.Trainer(
                 max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False,
                 enable_checkpointing=False, enable_progress_bar=cfg.progress, enable_model_summary=False,
@@ -366,13 +250,13 @@ class ContinualRunner:
                 state["peak_rss_mib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             )
             task_dir = self.root / f"task_{t}"
-            task_dir.mkdir(exist_ok=True)
-            torch.save(net, task_dir / "net.pt.tmp")
-            os.replace(task_dir / "net.pt.tmp", task_dir / "net.pt")
-            if self._is_adapted(net):
+            buf = io.BytesIO()
+            torch.save(net, buf)
+            atomic_write_bytes(task_dir / "net.pt", buf.getvalue())
+            if isinstance(net, adapters.AdapterModel):
                 adapters.save(net, task_dir / "adapters")
             state["done"] = t + 1
-            _atomic_json(self.state_path, state)
+            self._save_state(state)
             log.info("task %d (%s) done: accuracies %s", t, tasks, [round(a, 3) for a in accs])
             if crash_after_task == t:
                 raise InjectedCrash(f"injected crash after task {t}")
@@ -402,24 +286,22 @@ class ContinualRunner:
             )
 
     def _matrix(self, rows: list[list[float]]) -> np.ndarray:
+        """The T×T matrix of per-step evaluations: step ``i``'s row lands on the last task it has seen."""
         t = len(self.cfg.tasks)
         m = np.full((t, t), np.nan)
-        if self.cfg.strategy == "joint":  # one row, evaluated on every task: report it as the final row
-            m[-1, :] = rows[-1]
-            return m
         for i, row in enumerate(rows):
-            m[i, : len(row)] = row
+            m[self.strategy.tasks_seen(i)[-1], : len(row)] = row
         return m
 
     def _report(self, net: torch.nn.Module, state: dict[str, Any]) -> None:
         cfg = self.cfg
-        report = metrics.ContinualReport(task_names=list(cfg.tasks))
+        report = ContinualReport(task_names=list(cfg.tasks))
         report.add(
             cfg.strategy, self._matrix(state["R"]), instance_auc=self._matrix(state["I"]),
             train_time_s=state["train_time_s"], peak_memory_mib=state["peak_rss_mib"],
         )  # fmt: skip
         report.to_csv(self.root / "results.csv")
-        (self.root / "results.md").write_text(report.to_markdown() + "\n")
+        atomic_write_text(self.root / "results.md", report.to_markdown() + "\n")
         report.plot_matrix(self.root / f"R_{cfg.strategy}.png", cfg.strategy)
         self._score_test_bags(net)
 
@@ -432,10 +314,9 @@ class ContinualRunner:
         final = cfg.allowed(len(cfg.tasks) - 1) if cfg.setting == "class" else None
         rows = []
         for j, task in enumerate(cfg.tasks):
-            if self._is_adapted(net):
-                set_active_tasks(net, self._active_tasks(j))
+            self._set_adapters(net, j)
             plotted = 0
-            for rec in self._bags(task, "test"):
+            for rec in self.data.bags(task, "test"):
                 bag = load_bag(rec.path, rec.slide_id)
                 scores = self._tile_scores(predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign)))
                 labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
@@ -443,28 +324,23 @@ class ContinualRunner:
                 if rec.label != cfg.benign and plotted < cfg.heatmaps:
                     plotted += 1
                     thumb, ds = _thumbnail(rec, bag)
-                    metrics.plot_instance_heatmap(
+                    plot_instance_heatmap(
                         bag["coords"].numpy(), scores.numpy(), bag["tile_size_l0"], heat / f"{rec.slide_id}.png",
                         thumbnail=thumb, thumbnail_downsample=ds, labels=labels,
                         title=f"{cfg.strategy}: {rec.slide_id} ({rec.label})",
                     )  # fmt: skip
-            if self._is_adapted(net):
-                set_active_tasks(net, None)
+            self._set_adapters(net, None)
         _write_scores(self.root / "tile_scores.h5", rows)
 
 
 def _write_scores(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> None:
-    import h5py
-
-    tmp = path.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         for slide_id, coords, scores, labels in rows:
             g = f.create_group(slide_id)
             g["coords"] = coords
             g["scores"] = scores
             if labels is not None:
                 g["instance_labels"] = labels
-    os.replace(tmp, path)
 
 
 def _thumbnail(rec: BagRecord, bag: dict[str, Any]) -> tuple[np.ndarray | None, float]:
@@ -482,49 +358,20 @@ def run_continual(cfg: ContinualConfig, crash_after_task: int | None = None) -> 
     return ContinualRunner(cfg).run(crash_after_task)
 
 
-def load_config(path: str | os.PathLike[str], **overrides: Any) -> ContinualConfig:
-    """A :class:`ContinualConfig` from YAML; ``overrides`` (not None) replace its fields. Relative paths are
-    relative to the working directory (run from the repository root, as the README does)."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ContinualError(f"{p}: config not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ContinualError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from e
-    if not isinstance(data, dict):
-        raise ContinualError(f"{p}: expected a mapping of ContinualConfig fields")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    known = set(ContinualConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ContinualError(f"{p}: unknown field(s) {unknown}; known: {sorted(known)}")
-    try:
-        return ContinualConfig(**data)
-    except ValueError as e:
-        raise ContinualError(f"{p}: {e}") from e
-
-
-def compare(
-    cfg: ContinualConfig, strategies: list[str], out: str | os.PathLike[str] | None = None
-) -> metrics.ContinualReport:
+def compare(cfg: ContinualConfig, strategies: list[str], out: str | os.PathLike[str] | None = None) -> ContinualReport:
     """Run several strategies on the same data/seed/setting and gather them in one report."""
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ContinualError(f"strategies {unknown} unknown; choose from {list(STRATEGIES)}")
-    report = metrics.ContinualReport(task_names=list(cfg.tasks))
+    for s in strategies:  # every name before the first run: UnknownPluginError lists the known ones
+        STRATEGIES.entry(s)
+    report = ContinualReport(task_names=list(cfg.tasks))
     bags = prepare_bags(cfg)  # once for all strategies, before the first one trains
     for strategy in strategies:
-        run_cfg = ContinualConfig(**{**asdict(cfg), "strategy": strategy})
-        runner = ContinualRunner(run_cfg, bags)
+        runner = ContinualRunner(dataclasses.replace(cfg, strategy=strategy), bags)
         state = runner.run()
         report.add(
-            strategy, runner._matrix(state["R"]), instance_auc=runner._matrix(state["I"]),
+            runner.cfg.strategy, runner._matrix(state["R"]), instance_auc=runner._matrix(state["I"]),
             train_time_s=state["train_time_s"], peak_memory_mib=state["peak_rss_mib"],
         )  # fmt: skip
     root = Path(out or cfg.out_dir)
     report.to_csv(root / f"compare-{cfg.setting}.csv")
-    (root / f"compare-{cfg.setting}.md").write_text(report.to_markdown() + "\n")
+    atomic_write_text(root / f"compare-{cfg.setting}.md", report.to_markdown() + "\n")
     return report

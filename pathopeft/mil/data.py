@@ -2,7 +2,8 @@
 
 Manifest columns: ``slide_id,path,label,task,split`` (``path`` relative to the CSV; ``label`` a class name;
 ``task`` the task the bag belongs to; ``split`` train/val/test). Optional: ``thumbnail`` (an RGB picture of
-the slide for heatmaps, with ``thumbnail_downsample``) and any other columns (kept in ``extra``).
+the slide for heatmaps, with ``thumbnail_downsample``) and any other columns (kept in ``extra``). It is read
+through :func:`pathopeft.manifest.read_rows`, so its errors read ``<csv>:<line>: <problem>`` like every stage's.
 
 Bags are served one at a time (``batch_size=None``): N varies from slide to slide and 10^5 instances fit,
 because nothing is padded to the largest bag. A ``instance_labels`` dataset in the H5 (0 = benign tile,
@@ -11,7 +12,6 @@ because nothing is padded to the largest bag. A ``instance_labels`` dataset in t
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pathopeft.errors import UserError
+from pathopeft.manifest import ManifestError, check_choice, check_unique, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test")
 _CHUNK_ROWS = 65536  # rows of features read at a time by the finiteness check (bounded memory on huge bags)
 
 
-class BagManifestError(UserError, ValueError):
+class BagManifestError(ManifestError):
     """A manifest or bag that cannot be used: the message names the file (and manifest line)."""
 
 
@@ -62,45 +62,30 @@ class SkippedBag:
     reason: str
 
 
-def read_bag_manifest(path: str | Path) -> list[BagRecord]:
+def read_bag_manifest(path: str | Path, extra_columns: Sequence[str] = ()) -> list[BagRecord]:
     """Parse and check a bag manifest (missing columns, empty fields, unknown splits, duplicate ids, missing
-    files): every problem is one clear error naming file and line, so no row is silently dropped later."""
+    files): every problem is one clear error naming file and line, so no row is silently dropped later.
+
+    ``extra_columns``: further columns a producer guarantees (e.g. LC25000's ``witness_rate``); they must be
+    present and non-empty, and land in :attr:`BagRecord.extra` (``thumbnail`` in :attr:`BagRecord.thumbnail`).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise BagManifestError(f"{path}: manifest not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        reader.fieldnames = header
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise BagManifestError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
-        records: list[BagRecord] = []
-        seen: dict[str, int] = {}
-        for line, raw in enumerate(reader, start=2):
-            row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
-            for col in REQUIRED:
-                if not row[col]:
-                    raise BagManifestError(f"{path}:{line}: empty {col}")
-            sid, split = row["slide_id"], row["split"].lower()
-            if split not in SPLITS:
-                raise BagManifestError(f"{path}:{line}: split {row['split']!r} is not one of {list(SPLITS)}")
-            if sid in seen:
-                raise BagManifestError(f"{path}:{line}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
-            seen[sid] = line
-            h5 = (path.parent / row["path"]).resolve()
-            if not h5.is_file():
-                raise BagManifestError(f"{path}:{line}: feature file {h5} not found")
-            thumb = row.get("thumbnail") or None
-            extra = {k: v for k, v in row.items() if k not in (*REQUIRED, "thumbnail")}
-            records.append(
-                BagRecord(
-                    sid, h5, row["label"], row["task"], split, (path.parent / thumb).resolve() if thumb else None,
-                    extra, manifest=path, line=line,
-                )
-            )  # fmt: skip
-    if not records:
-        raise BagManifestError(f"{path}: manifest has no rows")
+    required = [*REQUIRED, *(c for c in extra_columns if c not in REQUIRED)]
+    rows = read_rows(path, required, optional=("thumbnail",), error=BagManifestError)
+    check_unique(rows, "slide_id", [r["slide_id"] for r in rows], BagManifestError)
+    records: list[BagRecord] = []
+    for row in rows:
+        split = check_choice(row, "split", SPLITS, BagManifestError)
+        h5 = row.path("path")
+        if not h5.is_file():
+            raise BagManifestError(f"{row.where}: feature file {h5} not found")
+        thumb = row.path("thumbnail") if row["thumbnail"] else None
+        extra = {k: v for k, v in row.values.items() if k not in (*REQUIRED, "thumbnail")}
+        records.append(
+            BagRecord(
+                row["slide_id"], h5, row["label"], row["task"], split, thumb, extra, manifest=path, line=row.line
+            )
+        )
     return records
 
 
@@ -240,6 +225,25 @@ class BagDataset(Dataset):
         item = load_bag(r.path, r.slide_id)
         item.update(label=self.class_index[r.label], task=r.task, slide_id=r.slide_id)
         return item
+
+
+@dataclass
+class PreparedBags:
+    """The checked bags of a run (kept, skipped with reasons, feature dimension D) and their class names;
+    the runner and the strategies read bags of a task and split through it."""
+
+    records: list[BagRecord]
+    skipped: list[SkippedBag]
+    in_dim: int
+    classes: list[str]
+
+    def bags(self, task: str, split: str) -> list[BagRecord]:
+        return [r for r in self.records if r.task == task and r.split == split]
+
+    def loaded(self, records: Sequence[BagRecord], limit: int | None = None) -> list[dict[str, Any]]:
+        """The first ``limit`` (default: all) of ``records`` as loaded bags (:class:`BagDataset` items)."""
+        ds = BagDataset(records, self.classes)
+        return [ds[i] for i in range(len(ds) if limit is None else min(limit, len(ds)))]
 
 
 class BagDataModule(pl.LightningDataModule):

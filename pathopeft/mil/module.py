@@ -5,12 +5,12 @@ features. ``ContinualMILModule`` trains it on bags one at a time with
 
     loss = CE(bag logits restricted to the classes allowed now, bag label)
          + λ_inst · CE(instance logits, BPPL pseudo-labels)            (strategy uses BPPL)
-         + λ_ewc/2 · Σ F_k (θ_k − θ*_k)²                               (strategy "ewc")
+         + λ_ewc/2 · Σ F_k (θ_k − θ*_k)²                               (EWC: its ``module_kwargs``)
 
 Which classes are "allowed" is the setting: class-incremental — every class seen so far (no task id at test
 time); task-incremental — benign and the current task's class (the task id picks the head). Continual
-strategies that change the *parameters* (OWLoRA adapters, freezing) are applied by the runner
-(:mod:`pathopeft.mil.continual`) between tasks, so this module stays one plain Lightning training step.
+strategies that change the *parameters* (OWLoRA adapters, freezing) do so in their ``before_task`` hook
+(:mod:`pathopeft.mil.strategies`) between tasks, so this module stays one plain Lightning training step.
 """
 
 from __future__ import annotations

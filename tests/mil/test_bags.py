@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 from skimage.measure import label as connected_components
 
-from pathopeft.mil import bags as mb
+from pathopeft.datasets import lc25000 as mb
+from pathopeft.mil import tile_features
+from pathopeft.mil.data import BagRecord, read_bag_manifest
 from pathopeft.wsi import h5io
 from tests._tiny import TINY_VIT
 
@@ -41,6 +43,10 @@ def built(lc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A colour-feature bag set large enough for the baseline: 4/4/16 bags per (task, class, split)."""
     spec = mb.BagSpec(grid=8, bags_per_class=(4, 4, 16))
     return mb.build_bags(lc_root, tmp_path_factory.mktemp("bags"), spec, "colour", seed=0)
+
+
+def _bag_rows(manifest: Path) -> list[BagRecord]:
+    return read_bag_manifest(manifest, extra_columns=mb.EXTRA_COLUMNS)
 
 
 def _tile_label(tiles: list[mb.TileRecord]) -> dict[str, str]:
@@ -158,29 +164,29 @@ def test_bag_rng_is_per_bag(splits):
 
 
 def test_h5_files_carry_features_coords_and_instance_labels(built, tiles, lc_root):
-    rows = mb.read_bag_manifest(built)
+    rows = _bag_rows(built)
     assert len(rows) == 2 * 2 * (4 + 4 + 16)
     label_of = _tile_label(tiles)
     for r in rows[:: len(rows) // 12]:
-        feats, coords = h5io.read_features(r["path"])
+        feats, coords = h5io.read_features(r.path)
         assert feats.shape == (64, mb.COLOUR_DIM)
         assert feats.dtype == np.float32
         rows_, cols_ = np.divmod(np.arange(64), 8)
         np.testing.assert_array_equal(coords, np.stack([cols_ * 224, rows_ * 224], 1))
         assert coords.dtype == np.int64
-        with h5py.File(r["path"], "r") as f:
+        with h5py.File(r.path, "r") as f:
             inst = f["instance_labels"][:]
             paths = [p.decode() for p in f["tile_paths"][:]]
             assert f["coords"].attrs["patch_size"] == 224
             assert f["coords"].attrs["patch_level"] == 0
             np.testing.assert_array_equal(f["coords"].attrs["downsample"], [1.0, 1.0])
             assert f.attrs["encoder"] == "colour"
-            assert f.attrs["label"] == r["label"]
+            assert f.attrs["label"] == r.label
         assert inst.dtype == np.int8
         assert inst.shape == (64,)
         # the tile at each coordinate has the class its instance label says
         assert [label_of[p] != "benign" for p in paths] == inst.astype(bool).tolist()
-        assert float(r["witness_rate"]) == pytest.approx(inst.mean(), abs=1e-6)
+        assert float(r.extra["witness_rate"]) == pytest.approx(inst.mean(), abs=1e-6)
         # features are the tile's own colour descriptor, looked up per bag
         np.testing.assert_allclose(feats[5], mb.colour_features(mb.read_tile(lc_root / paths[5])), rtol=1e-6)
 
@@ -207,8 +213,8 @@ def test_same_seed_same_bags_and_cached_rerun(lc_root, tmp_path, monkeypatch):
     a = mb.build_bags(lc_root, tmp_path / "a", spec, "colour", seed=7)
     b = mb.build_bags(lc_root, tmp_path / "b", spec, "colour", seed=7)
     assert a.read_bytes() == b.read_bytes()
-    for r_a, r_b in zip(mb.read_bag_manifest(a), mb.read_bag_manifest(b), strict=True):
-        np.testing.assert_array_equal(h5io.read_features(r_a["path"])[0], h5io.read_features(r_b["path"])[0])
+    for r_a, r_b in zip(_bag_rows(a), _bag_rows(b), strict=True):
+        np.testing.assert_array_equal(h5io.read_features(r_a.path)[0], h5io.read_features(r_b.path)[0])
     assert len(list((tmp_path / "a").glob("tile_features_*.h5"))) == 1
     c = mb.build_bags(lc_root, tmp_path / "c", spec, "colour", seed=8)
     assert c.read_bytes() != a.read_bytes()
@@ -216,7 +222,7 @@ def test_same_seed_same_bags_and_cached_rerun(lc_root, tmp_path, monkeypatch):
     def boom(*_args: object) -> None:
         raise AssertionError("features recomputed despite the cache")
 
-    monkeypatch.setattr(mb, "colour_features", boom)
+    monkeypatch.setattr(tile_features, "colour_features", boom)
     assert mb.build_bags(lc_root, tmp_path / "a", spec, "colour", seed=7).read_bytes() == b.read_bytes()
 
 
@@ -228,11 +234,11 @@ def test_timm_features_random_init_is_seeded_and_announced(lc_root, tmp_path, ca
         a = mb.build_bags(lc_root, tmp_path / "a", spec, f"timm:{arch}", seed=0, model_kwargs=kw, batch_size=16)
     assert "RANDOM WEIGHTS" in caplog.text
     b = mb.build_bags(lc_root, tmp_path / "b", spec, f"timm:{arch}", seed=0, model_kwargs=kw, batch_size=16)
-    row_a, row_b = mb.read_bag_manifest(a)[0], mb.read_bag_manifest(b)[0]
-    fa, fb = h5io.read_features(row_a["path"])[0], h5io.read_features(row_b["path"])[0]
+    row_a, row_b = _bag_rows(a)[0], _bag_rows(b)[0]
+    fa, fb = h5io.read_features(row_a.path)[0], h5io.read_features(row_b.path)[0]
     assert fa.shape == (4, kw["embed_dim"])
     np.testing.assert_array_equal(fa, fb)
-    with h5py.File(row_a["path"], "r") as f:
+    with h5py.File(row_a.path, "r") as f:
         assert f.attrs["encoder"] == f"timm:{arch}"
         assert bool(f.attrs["random_init"])
     # the baseline recomputes colour descriptors from the images when the bags hold other features

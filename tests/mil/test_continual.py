@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 
 import h5py
@@ -10,9 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from pathopeft import io as pathopeft_io
+from pathopeft.errors import DiskFullError
+from pathopeft.manifest import ManifestError
 from pathopeft.mil.bppl import IGNORE, BPPLConfig, pseudo_labels
 from pathopeft.mil.continual import ContinualConfig, InjectedCrash, run_continual
 from pathopeft.mil.data import BagManifestError, read_bag_manifest
+from pathopeft.mil.strategies import STRATEGIES
 from pathopeft.wsi import h5io
 
 TINY = {"hidden_dim": 16, "n_groups": 4, "n_layers": 1, "heads": 2, "attn_dim": 8, "dropout": 0.0}
@@ -74,11 +79,6 @@ def make_bags(root, n_per_class: int = 6, k: int = 4, dim: int = 8, seed: int = 
     return manifest
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return make_bags(tmp_path_factory.mktemp("bags"))
-
-
 def _cfg(manifest, out, **kw):
     base = {"manifest": str(manifest), "out_dir": str(out), "epochs": 3, "lr": 5e-3, "model_kwargs": TINY,
             "collect_bags": 6, "heatmaps": 1, "owlora": {"r": 2}}  # fmt: skip
@@ -96,18 +96,74 @@ def test_manifest_errors_name_file_and_line(tmp_path, manifest):
         read_bag_manifest(bad)
 
 
-@pytest.mark.parametrize("strategy", ["comel", "finetune", "lora", "ewc", "replay", "joint"])
+def test_bag_manifest_reads_through_the_shared_manifest_core(manifest):
+    """One reader for bag manifests (pathopeft.manifest's rules); a producer's extra columns are checked too."""
+    assert issubclass(BagManifestError, ManifestError)
+    rows = manifest.read_text().splitlines()
+    records = read_bag_manifest(manifest)
+    assert records[0].path == manifest.parent / f"{records[0].slide_id}.h5"  # relative to the CSV
+    assert (records[0].manifest, records[0].line) == (manifest, 2)
+    with pytest.raises(BagManifestError, match=r"bags\.csv: missing column\(s\) \['witness_rate'\]"):
+        read_bag_manifest(manifest, extra_columns=("witness_rate",))
+    with_rate = manifest.parent / "with_rate.csv"
+    with_rate.write_text("\n".join([rows[0] + ",witness_rate", *(ln + ",0.25" for ln in rows[1:])]) + "\n")
+    assert {r.extra["witness_rate"] for r in read_bag_manifest(with_rate, extra_columns=("witness_rate",))} == {"0.25"}
+    twice = manifest.parent / "twice.csv"
+    twice.write_text("\n".join([rows[0], rows[1], rows[2], rows[1]]) + "\n")
+    with pytest.raises(BagManifestError, match=r"twice\.csv:4: duplicate slide_id '\w+' \(first on line 2\)"):
+        read_bag_manifest(twice)
+
+
+def test_every_output_is_written_through_pathopeft_io(manifest, tmp_path, monkeypatch):
+    """State, checkpoints, scores, tables and figures all use pathopeft.io's temporary names and rename."""
+    written: list[str] = []
+    real = pathopeft_io._write_all
+
+    def spy(tmp, data):
+        written.append(tmp.name)
+        real(tmp, data)
+
+    monkeypatch.setattr(pathopeft_io, "_write_all", spy)
+    run_continual(_cfg(manifest, tmp_path, strategy="comel", epochs=1))
+    root = tmp_path / "comel-class"
+    outputs = [p for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in outputs}
+    assert {"state.json", "net.pt", "tile_scores.h5", "results.csv", "results.md", "R_comel.png"} <= names
+    not_via_io = [p for p in outputs if pathopeft_io.tmp_path(p).name not in written and "adapters" not in p.parts]
+    assert not not_via_io
+
+
+def test_a_full_disk_while_saving_state_is_one_error_naming_the_file(manifest, tmp_path, monkeypatch):
+    real = pathopeft_io._write_all
+
+    def full(tmp, data):
+        if "state.json" in tmp.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, data)
+
+    monkeypatch.setattr(pathopeft_io, "_write_all", full)
+    with pytest.raises(DiskFullError, match=r"state\.json: disk full"):
+        run_continual(_cfg(manifest, tmp_path, strategy="finetune", epochs=1, heatmaps=0))
+    root = tmp_path / "finetune-class"
+    assert not (root / "state.json").exists()
+    assert not [p for p in root.rglob(".*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.names())
 def test_every_strategy_runs_and_reports(manifest, tmp_path, strategy):
+    """Every registered strategy, with what its capabilities promise (one step for all-at-once, adapters)."""
+    caps = STRATEGIES.entry(strategy).caps
     state = run_continual(_cfg(manifest, tmp_path, strategy=strategy))
     root = tmp_path / f"{strategy}-class"
-    assert state["done"] == (1 if strategy == "joint" else 2)
+    assert state["done"] == (1 if caps["all_tasks_at_once"] else 2)
     assert len(state["R"][-1]) == 2  # the last evaluation covers both tasks
     assert all(0.0 <= a <= 1.0 for a in state["R"][-1])
     for name in ("results.csv", "results.md", f"R_{strategy}.png", "state.json", "tile_scores.h5"):
         assert (root / name).is_file(), name
     assert list((root / "heatmaps").glob("*.png"))
-    if strategy in ("comel", "lora"):
-        assert (root / "task_1" / "adapters" / "adapter_model.safetensors").is_file()
+    adapter_file = root / f"task_{state['done'] - 1}" / "adapters" / "adapter_model.safetensors"
+    assert adapter_file.is_file() == caps["adapters"]
+    assert not [p for p in root.rglob(".*") if p.name.endswith(".tmp")]  # every write renamed into place
 
 
 def test_comel_learns_both_tasks_and_localizes(manifest, tmp_path):

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from pathopeft.mil.metrics import (
-    ContinualReport,
     average_accuracy,
     average_incremental_accuracy,
     backward_transfer,
@@ -21,8 +20,9 @@ from pathopeft.mil.metrics import (
     forgetting,
     forward_transfer,
     instance_metrics,
-    plot_instance_heatmap,
 )
+from pathopeft.mil.plots import plot_instance_heatmap
+from pathopeft.mil.report import ContinualReport
 
 NAN = math.nan
 R2 = np.array([[0.9, NAN], [0.6, 0.8]])

@@ -20,6 +20,7 @@ from pathopeft.mil import continual
 from pathopeft.mil import data as mil_data
 from pathopeft.mil.continual import ContinualRunner, InjectedCrash, run_continual
 from pathopeft.mil.data import BagManifestError, read_bag_manifest
+from pathopeft.mil.strategies import STRATEGIES
 from pathopeft.wsi import h5io
 from tests.mil.test_continual import TINY, _cfg, make_bags
 
@@ -266,7 +267,8 @@ def test_config_yaml_syntax_error_is_one_line(tmp_path, capsys):
 
 # --- never save a non-finite task --------------------------------------------------------------------------------
 def _poison_param_at_task_1(monkeypatch):
-    orig = ContinualRunner._before_task
+    finetune = STRATEGIES.get("finetune")
+    orig = finetune.before_task
 
     def before(self, net, t):
         net = orig(self, net, t)
@@ -275,7 +277,7 @@ def _poison_param_at_task_1(monkeypatch):
                 net.instance_head.bias[0] = float("nan")  # unused by finetune's loss: only the weight check sees it
         return net
 
-    monkeypatch.setattr(ContinualRunner, "_before_task", before)
+    monkeypatch.setattr(finetune, "before_task", before)
 
 
 def _poison_features_of_task_1(monkeypatch):

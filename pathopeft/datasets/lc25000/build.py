@@ -1,0 +1,222 @@
+"""Write the LC25000 bag set: per-tile features (cached), bag H5 files, thumbnails, ``bags.csv``, ``bags.json``.
+
+Every file is written atomically through :mod:`pathopeft.io` (one temporary-name convention the stale-file
+cleaner knows); a bag's H5 is written last, so an H5 carrying the right ``params_hash`` means a finished bag.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pathopeft import __version__
+from pathopeft.datasets.lc25000.bags import Bag, BagSpec, make_bags
+from pathopeft.datasets.lc25000.tiles import LABEL_SPACE, TASKS, TILE_PX, load_tile_table, read_tile, split_groups
+from pathopeft.io import atomic_h5, atomic_write_bytes, atomic_write_text
+from pathopeft.mil.tile_features import tile_features
+from pathopeft.wsi import h5io
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("slide_id", "path", "label", "task", "split", "witness_rate", "n_instances", "thumbnail")
+#: Columns of ``bags.csv`` beyond the bag manifest's own (``read_bag_manifest(m, extra_columns=...)``).
+EXTRA_COLUMNS = ("witness_rate", "n_instances", "thumbnail")
+
+
+def _thumb(rgb: np.ndarray, downsample: int) -> np.ndarray:
+    s = TILE_PX // downsample
+    return np.asarray(Image.fromarray(rgb).resize((s, s), Image.Resampling.BOX))
+
+
+def _coords_meta(slide_id: str, grid: int) -> dict[str, Any]:
+    side = grid * TILE_PX
+    return {
+        "patch_size": TILE_PX,
+        "patch_level": 0,
+        "downsample": np.array([1.0, 1.0]),
+        "downsampled_level_dim": np.array([side, side], dtype=np.int64),
+        "level_dim": np.array([side, side], dtype=np.int64),
+        "custom_downsample": 1.0,
+        "name": slide_id,
+        "patch_size_level0": TILE_PX,
+        "target_patch_size": TILE_PX,
+        "overlap": 0,
+        "level0_width": side,
+        "level0_height": side,
+        # target_mpp / magnification omitted: LC25000 tiles are resized 768-px crops of unknown mpp
+    }
+
+
+def _write_h5(path: Path, bag: Bag, features: np.ndarray, root_meta: Mapping[str, Any]) -> None:
+    """The bag's H5 in one atomic write: the WSI stage's features-file layout (:mod:`pathopeft.wsi.h5io`:
+    chunked, resizable ``features``/``coords`` with CLAM's coords attributes) plus the tile ground truth."""
+    datasets = {"features": np.asarray(features, dtype=np.float32), "coords": bag.coords}
+    with atomic_h5(path) as f:
+        for name, data in datasets.items():
+            chunks = (max(1, min(len(data), 1024)), *data.shape[1:]) if len(data) else None
+            f.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks)
+        for k, v in _coords_meta(bag.slide_id, bag.grid).items():
+            f["coords"].attrs[k] = v
+        for k, v in root_meta.items():
+            f.attrs[k] = v
+        f.attrs["pathopeft_version"] = __version__
+        f.create_dataset("instance_labels", data=bag.instance_labels.astype(np.int8))
+        f.create_dataset("tile_paths", data=[t.rel for t in bag.tiles], dtype=h5py.string_dtype())
+
+
+def write_bag(
+    path: Path, bag: Bag, features: np.ndarray, root_meta: Mapping[str, Any], thumbnail: Path, thumb: np.ndarray
+) -> None:
+    """Write the thumbnail, then the bag H5 (features, coords, ``instance_labels``, ``tile_paths``), each atomically.
+
+    The H5 goes last, so an existing H5 means a finished bag.
+    """
+    png = io.BytesIO()
+    Image.fromarray(thumb).save(png, format="PNG")
+    atomic_write_bytes(thumbnail, png.getvalue())
+    _write_h5(path, bag, features, root_meta)
+
+
+def build_bags(
+    root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    spec: BagSpec | None = None,
+    features: str = "colour",
+    seed: int = 0,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> Path:
+    """Build the bag set under ``out_dir`` and return the path of its manifest ``bags.csv``.
+
+    Same (data, spec, features, seed) → byte-identical ``bags.csv`` and identical features; bags whose H5
+    already carries the same ``params_hash`` (and whose thumbnail exists) are not rewritten.
+    """
+    spec = spec or BagSpec()
+    root, out_dir = Path(root), Path(out_dir)
+    tiles = load_tile_table(root)
+    splits = split_groups(tiles, spec.fractions, seed)
+    bags = make_bags(splits, spec, seed)
+    used = sorted({t.rel: t for b in bags for t in b.tiles}.values(), key=lambda t: t.rel)
+    index = {t.rel: i for i, t in enumerate(used)}
+    thumbs: dict[int, np.ndarray] = {}
+
+    def keep_thumb(i: int, rgb: np.ndarray) -> None:
+        thumbs[i] = _thumb(rgb, spec.thumbnail_downsample)
+
+    feats, info = tile_features(
+        used,
+        features,
+        out_dir,
+        weights=weights,
+        model_kwargs=model_kwargs,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        on_image=keep_thumb,
+        read=read_tile,
+    )
+    if info["random_init"]:
+        log.warning("RANDOM WEIGHTS: bags in %s carry features of a randomly initialised %s", out_dir, features)
+
+    rows: list[dict[str, str]] = []
+    todo: list[tuple[Bag, Path, Path, str]] = []
+    for bag in bags:
+        h5_rel, png_rel = f"bags/{bag.slide_id}.h5", f"thumbnails/{bag.slide_id}.png"
+        rows.append(
+            {
+                "slide_id": bag.slide_id,
+                "path": h5_rel,
+                "label": bag.label,
+                "task": bag.task,
+                "split": bag.split,
+                "witness_rate": f"{bag.witness_rate:.6f}",
+                "n_instances": str(len(bag.tiles)),
+                "thumbnail": png_rel,
+            }
+        )
+        bag_hash = h5io.params_hash(
+            {
+                "features": info["hash"],
+                "tiles": [t.rel for t in bag.tiles],
+                "labels": bag.instance_labels.tolist(),
+                "meta": [bag.slide_id, bag.label, bag.task, bag.split, bag.grid, spec.thumbnail_downsample],
+            }
+        )
+        if h5io.read_hash(out_dir / h5_rel) != bag_hash or not (out_dir / png_rel).is_file():
+            todo.append((bag, out_dir / h5_rel, out_dir / png_rel, bag_hash))
+
+    missing = sorted({index[t.rel] for bag, *_ in todo for t in bag.tiles} - set(thumbs))
+    for i in tqdm(missing, desc="thumbnails", unit="tile", leave=False):
+        keep_thumb(i, read_tile(used[i].path))
+    s = TILE_PX // spec.thumbnail_downsample
+    for bag, h5_path, png_path, bag_hash in tqdm(todo, desc="writing bags", unit="bag", leave=False):
+        rows_idx = np.array([index[t.rel] for t in bag.tiles])
+        mosaic = np.stack([thumbs[i] for i in rows_idx]).reshape(bag.grid, bag.grid, s, s, 3)
+        mosaic = mosaic.transpose(0, 2, 1, 3, 4).reshape(bag.grid * s, bag.grid * s, 3)
+        root_meta = {
+            "params_hash": bag_hash,
+            "encoder": info["features"],
+            "feature_kind": info["features"],
+            "weights": info["weights"],
+            "random_init": bool(info["random_init"]),
+            "slide_id": bag.slide_id,
+            "label": bag.label,
+            "label_index": LABEL_SPACE[bag.label],
+            "task": bag.task,
+            "split": bag.split,
+            "witness_rate": bag.witness_rate,
+            "n_witness": bag.n_witness,
+            "grid": bag.grid,
+            "seed": seed,
+            "thumbnail_downsample": spec.thumbnail_downsample,
+            "data_root": str(root.resolve()),
+            "source": "LC25000 lung (arXiv:1912.12142), LC25000-clean groups",
+        }
+        write_bag(h5_path, bag, feats[rows_idx], root_meta, png_path, mosaic)
+    log.info("bags: %d written, %d up to date", len(todo), len(bags) - len(todo))
+
+    listed = {r["path"] for r in rows}
+    stale = [p for p in sorted((out_dir / "bags").glob("*.h5")) if f"bags/{p.name}" not in listed]
+    if stale:
+        log.warning(
+            "%s: %d bag files not in bags.csv (from another run?), e.g. %s", out_dir, len(stale), stale[0].name
+        )
+
+    summary = {
+        "spec": spec.as_dict(),
+        "seed": seed,
+        "features": info["features"],
+        "feature_dim": info["dim"],
+        "feature_cache": f"tile_features_{info['hash']}.h5",
+        "random_init": bool(info["random_init"]),
+        "label_space": LABEL_SPACE,
+        "tasks": list(TASKS),
+        "splits": {
+            s: {
+                lab: {
+                    "tiles": sum(t.label == lab for t in ts),
+                    "groups": len({t.group_id for t in ts if t.label == lab}),
+                }
+                for lab in LABEL_SPACE
+            }
+            for s, ts in splits.items()
+        },
+    }
+    atomic_write_text(out_dir / "bags.json", json.dumps(summary, indent=2) + "\n")
+    manifest = out_dir / "bags.csv"
+    lines = [",".join(MANIFEST_COLUMNS)] + [",".join(r[c] for c in MANIFEST_COLUMNS) for r in rows]
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
+    return manifest

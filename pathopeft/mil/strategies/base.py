@@ -1,0 +1,94 @@
+"""The strategy interface: how a continual run differs from plain sequential fine-tuning, as hooks.
+
+The runner (:mod:`pathopeft.mil.continual`) trains one *step* after another and asks the run's strategy
+at each point where strategies differ, so it never tests a strategy's name:
+
+* :meth:`Strategy.n_steps` — how many training steps (``joint``: one, on every task);
+* :meth:`Strategy.before_task` — change the net or the strategy's state before step ``t`` (add an adapter,
+  estimate an EWC penalty, fill a replay buffer); it also decides which parameters train, by freezing;
+* :meth:`Strategy.train_tasks`, :meth:`Strategy.replay_bags` — the training bags of step ``t``;
+* :meth:`Strategy.train_classes` — the logits in the training softmax of step ``t``;
+* :meth:`Strategy.module_kwargs` — extra arguments of the training module (EWC's penalty);
+* :meth:`Strategy.tasks_seen` — the tasks evaluated after step ``t`` (its row of the accuracy matrix);
+* :meth:`Strategy.active_adapters` — the adapters switched on when evaluating task ``j``.
+
+Capabilities declared at registration (``@STRATEGIES.register("x", bppl=True)``) are what callers may ask
+without running anything: the config's BPPL default, the CLI's default comparison, the test matrix.
+Strategy modules import torch-heavy code inside their hooks, so listing the names (CLI help) stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pathopeft.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pathopeft.mil.config import ContinualConfig
+    from pathopeft.mil.data import BagRecord
+
+
+class BagSource(Protocol):
+    """The checked bags of a run, as a strategy reads them (:class:`pathopeft.mil.data.PreparedBags`)."""
+
+    def bags(self, task: str, split: str) -> list[BagRecord]: ...
+
+    def loaded(self, records: list[BagRecord], limit: int | None = None) -> list[dict[str, Any]]: ...
+
+
+class Strategy:
+    """Plain sequential fine-tuning: every hook's default is what ``finetune`` does.
+
+    One instance per run, so a strategy may keep state across its steps (a buffer, a penalty).
+    """
+
+    def __init__(self, cfg: ContinualConfig, data: BagSource) -> None:
+        self.cfg = cfg
+        self.data = data
+
+    def n_steps(self) -> int:
+        """Training steps of the run; step ``t`` trains :meth:`train_tasks` ``(t)``."""
+        return len(self.cfg.tasks)
+
+    def before_task(self, net: nn.Module, t: int) -> nn.Module:
+        """The net to train at step ``t`` (called after seeding, before the training module is built)."""
+        return net
+
+    def train_tasks(self, t: int) -> list[str]:
+        """Tasks whose training bags step ``t`` trains on."""
+        return [self.cfg.tasks[t]]
+
+    def replay_bags(self, t: int) -> list[BagRecord]:
+        """Bags of earlier tasks added to step ``t``'s training bags."""
+        return []
+
+    def train_classes(self, t: int) -> list[int]:
+        """Class indices in the training softmax of step ``t`` (see :meth:`ContinualConfig.train_allowed`)."""
+        return self.cfg.train_allowed(t)
+
+    def module_kwargs(self, t: int) -> dict[str, Any]:
+        """Extra keyword arguments of :class:`pathopeft.mil.module.ContinualMILModule` at step ``t``."""
+        return {}
+
+    def tasks_seen(self, t: int) -> list[int]:
+        """Task indices evaluated after step ``t``; the last one is the row of ``R`` the evaluation fills."""
+        return list(range(t + 1))
+
+    def active_adapters(self, t_eval: int) -> list[int] | None:
+        """Adapters switched on when evaluating task ``t_eval`` (None: all of them, or no adapters)."""
+        return None
+
+
+#: Every continual strategy, by name; the capabilities an entry can declare, with their defaults.
+STRATEGIES: Registry[type[Strategy]] = Registry(
+    "continual strategy",
+    capabilities={
+        "bppl": False,  # BPPL's instance loss is on unless the config says otherwise
+        "adapters": False,  # adds a (OW)LoRA adapter per later task and saves it (task_<t>/adapters)
+        "rehearsal": False,  # keeps training bags of earlier tasks (not rehearsal-free)
+        "all_tasks_at_once": False,  # one training step on every task: an upper bound, not continual
+        "ablation": False,  # a variant of another strategy, left out of default comparisons
+    },
+)

@@ -1,0 +1,16 @@
+"""``comel``: CoMEL (Lee et al., arXiv 2507.02395) — OWLoRA adapters per task plus BPPL's instance head.
+
+Any registered MIL model (GDAT by default) with BPPL pseudo-labels training the instance classifier; task 1
+trains the whole net, every later task adds an OWLoRA adapter (orthogonal to earlier adapters and to earlier
+tasks' input subspaces, per-task weight). Rehearsal-free.
+"""
+
+from __future__ import annotations
+
+from pathopeft.mil.strategies.adapter import AdapterStrategy
+from pathopeft.mil.strategies.base import STRATEGIES
+
+
+@STRATEGIES.register("comel", adapters=True, bppl=True)
+class CoMEL(AdapterStrategy):
+    """OWLoRA adapters as configured; BPPL on by default (the ``bppl`` capability)."""
