@@ -100,58 +100,33 @@ def _add_wsi_job_args(p: argparse.ArgumentParser, features: bool) -> None:
 
 
 def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
-    import yaml
+    """The YAML (``--config``) with the flags on top, typed and checked by :func:`pathopeft.wsi.config.load_batch_config`.
 
-    from pathopeft.wsi.config import BatchConfig, ExtractConfig, TilingConfig, parse_shard
+    Paths in the YAML are relative to it; paths given as flags, and ``--out``, to the working directory.
+    """
+    from pathopeft.wsi.config import load_batch_config, parse_shard
     from pathopeft.wsi.resolution import mag_to_mpp
 
-    base: dict[str, Any] = {}
-    if args.config:
-        if not args.config.is_file():
-            raise UserError(f"{args.config}: config not found")
-        try:
-            base = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{args.config}: not valid YAML ({' '.join(str(e).split())})") from None
-        if not isinstance(base, dict):
-            raise UserError(f"{args.config}: expected a mapping with tiling/extract/qc sections")
-        unknown = set(base) - {"tiling", "extract", "qc"}
-        if unknown:
-            raise UserError(f"{args.config}: unknown section(s) {sorted(unknown)}; expected tiling/extract/qc")
-    tiling = dict(base.get("tiling") or {})
-    extract = dict(base.get("extract") or {})
-    if args.mpp is not None:
-        tiling["target_mpp"] = args.mpp
-    if args.mag is not None:
-        tiling["target_mpp"] = mag_to_mpp(args.mag)
-    for flag, key in [("tile_px", "tile_px"), ("overlap_px", "overlap_px"), ("min_tissue", "min_tissue_fraction")]:
-        if getattr(args, flag) is not None:
-            tiling[key] = getattr(args, flag)
-    if args.tissue_threshold is not None:
-        tiling.setdefault("tissue_params", {})["threshold"] = args.tissue_threshold
-    if features:
-        flags = {"backbone": "backbone", "weights": "weights", "backbone_kwargs": "backbone_kwargs", "adapter": "adapter",
-                 "batch_size": "batch_size", "workers": "num_workers", "device": "device", "precision": "precision",
-                 "skip_bad_tiles": "skip_bad_tiles"}  # fmt: skip
-        for flag, key in flags.items():
-            if getattr(args, flag) is not None:
-                extract[key] = getattr(args, flag)
-        if str(extract.get("backbone", "")).lower() == "none":
-            extract["backbone"] = None
-    else:
-        extract["backbone"] = None
     try:
-        return BatchConfig(
-            out_dir=str(args.out),
-            tiling=TilingConfig(**tiling),
-            extract=ExtractConfig(**extract),
-            shard=parse_shard(args.shard) if args.shard else (0, 1),
-            qc=not args.no_qc and base.get("qc", True),
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-        )
-    except (TypeError, ValueError) as e:
+        shard = parse_shard(args.shard) if args.shard else None
+    except ValueError as e:
         raise UserError(f"invalid WSI settings: {e}") from None
+    flags: dict[str, Any] = {
+        "out_dir": str(args.out), "shard": shard, "qc": False if args.no_qc else None,
+        "progress": False if args.no_progress else None, "overwrite": args.overwrite or None,
+        "tiling.target_mpp": mag_to_mpp(args.mag) if args.mag is not None else args.mpp,
+        "tiling.tile_px": args.tile_px, "tiling.overlap_px": args.overlap_px,
+        "tiling.min_tissue_fraction": args.min_tissue, "tiling.tissue_params.threshold": args.tissue_threshold,
+    }  # fmt: skip
+    if features:
+        names = {"backbone": "backbone", "weights": "weights", "backbone_kwargs": "backbone_kwargs",
+                 "adapter": "adapter", "batch_size": "batch_size", "workers": "num_workers", "device": "device",
+                 "precision": "precision", "skip_bad_tiles": "skip_bad_tiles"}  # fmt: skip
+        flags.update({f"extract.{key}": getattr(args, flag) for flag, key in names.items()})
+    cfg = load_batch_config(args.config, flags)  # None values are "not given": the YAML's or the default stays
+    if not features or str(cfg.extract.backbone).lower() == "none":
+        cfg.extract.backbone = None  # tiling only
+    return cfg
 
 
 def _entries(args: argparse.Namespace) -> list:
@@ -281,13 +256,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
-    from pathopeft.adapters.registry import _OURS, PEFT_LORA_FAMILY
+    """Every entry of ``ADAPTERS`` with its backend and capabilities: the list is the registry, never typed here."""
+    from pathopeft.adapters import ADAPTERS
 
-    for name, m in _OURS.items():
-        doc = (m.config_cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:8s} pathopeft  {doc}")
-    for name in PEFT_LORA_FAMILY:
-        print(f"{name:8s} peft       LoRA family from PEFT (use_dora / init_lora_weights='pissa')")
+    for name in ADAPTERS:
+        entry = ADAPTERS.entry(name)
+        caps = entry.caps
+        callback = caps["callback"]
+        notes = [f"callback {getattr(callback, '__name__', callback)}"] if callback is not None else []
+        notes += ["needs data before each task"] if caps["needs_data"] else []
+        notes += [] if caps["identity_at_init"] else ["not identity at init"]
+        layers = "linear+conv" if caps["conv"] else "linear only"
+        extra = f" [{'; '.join(notes)}]" if notes else ""
+        print(f"{name:8s} {caps['backend']:10s} {layers:11s}  {entry.obj.summary}{extra}")
     print("other PEFT methods by their PEFT name (waveft, miss, randlora, vera, ia3, …) with their own keywords")
     return 0
 
@@ -330,7 +311,8 @@ def cmd_adapters_info(args: argparse.Namespace) -> int:
 
 
 def _mil_config(args: argparse.Namespace):
-    from pathopeft.mil.continual import load_config
+    """The run's ContinualConfig: the YAML plus the command-line overrides (a bad key or value: ConfigError)."""
+    from pathopeft.mil.config import load_config
 
     return load_config(
         args.config, strategy=getattr(args, "strategy", None), setting=args.setting, out_dir=args.out_dir,
@@ -363,27 +345,94 @@ def cmd_mil_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_seg_fit(args: argparse.Namespace) -> int:
-    """LightningCLI over SegModule + SegDataModule: the YAML holds model, data and trainer sections.
+#: Input paths of a ``seg fit`` YAML (dotted keys), resolved against the YAML before LightningCLI reads it: jsonargparse
+#: resolves config-relative paths only for ``Path``-typed arguments, and these are ``str``.
+SEG_FIT_PATH_FIELDS = ("model.model.weights", "model.model.init_args.weights", "data.manifest", "ckpt_path")
 
-    The config is checked first, and LightningCLI raises its parse errors instead of printing its usage text, so
-    a bad config is one ``error:`` line; data errors (``SegDataModule.setup`` checks every file) pass through.
+
+def _seg_fit_args(rest: Sequence[str]) -> tuple[list[str], Path | None]:
+    """LightningCLI's ``fit`` arguments and the last ``--config`` given (named in errors).
+
+    Each config is checked first (a missing file or bad YAML is one line instead of LightningCLI's usage text) and
+    is followed by its input paths resolved against its folder (``$VAR`` expanded), so flags after it still win.
+    """
+    from pathopeft.config import ConfigError, resolve_path
+    from pathopeft.seg.compare import read_config
+
+    out, config, i = ["fit"], None, 0
+    while i < len(rest):
+        token = rest[i]
+        if token in ("-c", "--config") and i + 1 < len(rest):
+            value, step = rest[i + 1], 2
+        elif token.startswith("--config="):
+            value, step = token.split("=", 1)[1], 1
+        else:
+            out.append(token)
+            i += 1
+            continue
+        out += rest[i : i + step]
+        i += step
+        config = Path(value)
+        data = read_config(config)
+        for dotted in SEG_FIT_PATH_FIELDS:
+            node: Any = data
+            for key in dotted.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, str) and node:
+                try:
+                    out.append(f"--{dotted}={resolve_path(node, config.resolve().parent)}")
+                except ConfigError as e:
+                    raise ConfigError(f"{config}: {dotted}: {e}") from None
+    return out, config
+
+
+def _seg_cli_class() -> type:
+    """LightningCLI that parses only its ``args``: ``sys.argv`` holds ``pathopeft seg fit …``, this CLI's arguments.
+
+    LightningCLI warns on every run when both ``args`` and ``sys.argv`` have arguments, so ``sys.argv`` is emptied
+    while it parses, and only then (DDP's launcher restarts ``sys.argv``, which must stay the real command).
     """
     from lightning.pytorch.cli import LightningCLI
 
-    from pathopeft.seg.compare import SegConfigError, read_config
+    class SegFitCLI(LightningCLI):
+        def setup_parser(self, add_subcommands: bool, main_kwargs: Any, subparser_kwargs: Any) -> None:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            for name, sub in getattr(self, "_subcommand_parsers", {}).items():
+                sub.prog = f"pathopeft seg {name}"  # jsonargparse writes "pathopeft seg [options] fit"
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            argv, sys.argv = sys.argv, sys.argv[:1]
+            try:
+                super().parse_arguments(parser, args)
+            finally:
+                sys.argv = argv
+
+    return SegFitCLI
+
+
+def cmd_seg_fit(args: argparse.Namespace) -> int:
+    """LightningCLI ``fit`` over SegModule + SegDataModule: every argument after ``seg fit`` is LightningCLI's
+    (``--help``, ``--config``, ``--print_config``, ``--ckpt_path``, ``--trainer.max_epochs 5`` …).
+
+    Input paths in the YAML are relative to it (:data:`SEG_FIT_PATH_FIELDS`); LightningCLI raises its parse errors
+    instead of printing its usage text, so a bad key or value is one ``error:`` line naming the config; data
+    errors (``SegDataModule.setup`` checks every file) pass through.
+    """
+    from pathopeft.seg.compare import SegConfigError
     from pathopeft.seg.data import SegDataModule
     from pathopeft.seg.module import SegModule
 
-    read_config(args.config)
+    rest = list(args.rest)
+    if not any(t in ("-h", "--help", "-c", "--config") or t.startswith("--config=") for t in rest):
+        raise UserError("seg fit: give --config configs/seg/<name>.yaml (pathopeft seg fit --help lists every option)")
+    cli_args, config = _seg_fit_args(rest)
     try:
-        LightningCLI(
-            SegModule, SegDataModule, args=["fit", "--config", str(args.config), *args.rest],
-            save_config_kwargs={"overwrite": True}, seed_everything_default=0,
-            parser_kwargs={"exit_on_error": False},
+        _seg_cli_class()(
+            SegModule, SegDataModule, args=cli_args, save_config_kwargs={"overwrite": True}, seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False, "prog": "pathopeft seg"},
         )  # fmt: skip
     except argparse.ArgumentError as e:  # jsonargparse: unknown key, wrong type, missing required value
-        raise SegConfigError(f"{args.config}: {' '.join(str(e).split())}") from None
+        raise SegConfigError(f"{config or 'seg fit'}: {' '.join(str(e).split())}") from None
     return 0
 
 
@@ -399,26 +448,49 @@ def cmd_seg_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_seg_compare(args: argparse.Namespace) -> int:
-    from pathopeft.seg.compare import CompareConfig, read_config, run_compare
+    from pathopeft.seg.compare import load_compare_config, run_compare
 
-    data = read_config(args.config)
-    if args.out_dir:
-        data["out_dir"] = str(args.out_dir)
-    try:
-        cfg = CompareConfig(**data)
-    except TypeError as e:
-        print(f"error: {args.config}: {e}", file=sys.stderr)
-        return 2
+    cfg = load_compare_config(args.config, out_dir=args.out_dir)  # ConfigError (a UserError) names file and key
     run_compare(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text())
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports an unknown option with the usage of the sub-command it was given to.
+
+    Plain argparse hands a sub-command's leftovers up to the top-level parser, whose usage says nothing about
+    them. ``forward=True`` makes a sub-command that parses nothing itself: all its arguments land in ``rest``
+    (``seg fit``, whose ``--help`` and options are LightningCLI's). Nested sub-parsers inherit this class.
+    """
+
+    def __init__(self, *args: Any, forward: bool = False, **kwargs: Any) -> None:
+        if forward:
+            kwargs["add_help"] = False
+        super().__init__(*args, **kwargs)
+        self.forward = forward
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self.forward:
+            namespace = namespace if namespace is not None else argparse.Namespace()
+            for key, value in self._defaults.items():
+                setattr(namespace, key, value)
+            namespace.rest = list(sys.argv[1:] if args is None else args)
+            return namespace, []
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pathopeft", description="Computational pathology toolkit (WSI processing, MIL, PEFT)."
-    )
+    from pathopeft import __version__
+
+    parser = _Parser(prog="pathopeft", description="Computational pathology toolkit (WSI processing, MIL, PEFT).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"pathopeft {__version__}")
     sub = parser.add_subparsers(dest="group", required=True)
 
     wsi = sub.add_parser("wsi", help="whole-slide images: tissue, tiles, features").add_subparsers(
@@ -446,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=cmd_data_sample)
 
+    from pathopeft.mil.strategies import STRATEGIES  # cheap: strategy modules import torch inside their hooks
+
     mil = sub.add_parser("mil", help="continual multiple-instance learning (CoMEL) on feature bags").add_subparsers(
         dest="cmd", required=True
     )
@@ -461,21 +535,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int)
         p.add_argument("--seed", type=int)
         if name == "run":
-            p.add_argument("--strategy", help="comel | owlora | lora | finetune | ewc | replay | joint")
+            p.add_argument("--strategy", help=f"continual strategy: {' | '.join(STRATEGIES.names())}")
             p.set_defaults(func=cmd_mil_run)
         else:
             p.add_argument(
-                "--strategies", nargs="+", default=["comel", "lora", "finetune", "ewc", "replay", "joint"],
-                help="strategies to compare",
+                "--strategies", nargs="+", default=STRATEGIES.names(ablation=False),
+                help=f"strategies to compare (default: all but the ablations; known: {', '.join(STRATEGIES.names())})",
             )  # fmt: skip
             p.set_defaults(func=cmd_mil_compare)
 
     seg = sub.add_parser("seg", help="segmentation fine-tuning with adapters").add_subparsers(
         dest="cmd", required=True
     )
-    p = seg.add_parser("fit", help="train one model (LightningCLI: model/data/trainer sections in the YAML)")
-    p.add_argument("--config", type=Path, required=True, help="configs/seg/<name>.yaml")
-    p.set_defaults(rest=[])  # any further --section.key value pairs go to LightningCLI, e.g. --trainer.max_epochs 5
+    # every argument after "seg fit" is LightningCLI's: --help, --config, --trainer.max_epochs 5, --ckpt_path ...
+    p = seg.add_parser(
+        "fit", help="train one model (LightningCLI: model/data/trainer sections in the YAML; --help for all)",
+        forward=True,
+    )  # fmt: skip
     p.set_defaults(func=cmd_seg_fit)
     p = seg.add_parser("predict", help="full-size masks and overlays for images, from a checkpoint")
     p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint of seg fit (adapter + decoder only)")
@@ -494,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ad.add_parser("list", help="registered methods (ours and PEFT's)")
     p.set_defaults(func=cmd_adapters_list)
     p = ad.add_parser("count", help="trainable parameters of a method on a timm model (random init)")
-    p.add_argument("method", help="salt | wara | snella | lora | dora | pissa | any PEFT method name")
+    p.add_argument("method", help="a method of `pathopeft adapters list`, or any PEFT method name")
     p.add_argument("--model", default="vit_small_patch16_224", help="timm architecture")
     p.add_argument("--model-kwargs", type=json.loads, help="JSON kwargs for timm.create_model")
     p.add_argument("--rank", type=int, default=8)
@@ -513,11 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pathopeft`` console script."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if getattr(args, "func", None) is not cmd_seg_fit:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.rest = extra
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # what there is to run, rather than argparse's one line about a missing argument
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)  # an unknown option: the sub-command's usage and the error, exit 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

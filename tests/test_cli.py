@@ -10,6 +10,8 @@ SUBCOMMANDS = [
     ["mil", "compare"],
     ["adapters", "count"],
     ["adapters", "info"],
+    ["seg", "predict"],
+    ["seg", "compare"],
     ["wsi", "process"],
     ["wsi", "tile"],
     ["wsi", "info"],
@@ -25,6 +27,67 @@ def test_help(cmd, capsys):
         main([*cmd, "--help"])
     assert e.value.code == 0
     assert "usage: pathopeft" in capsys.readouterr().out
+
+
+def test_no_arguments_prints_the_help(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "usage: pathopeft" in out
+    assert "report versions and hardware" in out  # the sub-commands' help, not only argparse's one-line usage
+
+
+def test_version(capsys):
+    from pathopeft import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pathopeft {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["wsi", "tile", "--out", "o", "--bogus"], ["adapters", "count", "lora", "--bogus"], ["doctor", "--bogus"]],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_unknown_option_is_reported_with_the_subcommand_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    command = " ".join(a for a in argv[:2] if not a.startswith("-"))
+    assert err.startswith(f"usage: pathopeft {command} ")  # not the top-level usage, which says nothing about it
+    assert f"pathopeft {command}: error: unrecognized arguments: --bogus" in err
+
+
+def test_seg_fit_help_is_lightning_clis(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["seg", "fit", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pathopeft seg fit ")
+    assert "--trainer.max_epochs" in out
+    assert "--ckpt_path" in out
+
+
+def test_seg_fit_passes_everything_through_args(tmp_path, monkeypatch, capsys, recwarn):
+    """No Lightning warning about ``args`` and ``sys.argv`` both holding arguments (it came on every run)."""
+    import sys
+    from pathlib import Path
+
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text((Path(__file__).parent / "seg" / "conf" / "tiny_fit.yaml").read_text())
+    argv = ["seg", "fit", "--config", str(cfg), "--trainer.max_steps=3", "--print_config"]
+    monkeypatch.setattr(sys, "argv", ["pathopeft", *argv])
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "max_steps: 3" in capsys.readouterr().out
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
+    assert sys.argv == ["pathopeft", *argv]  # untouched: DDP's launcher restarts this command
+
+
+def test_seg_fit_needs_a_config(capsys):
+    assert "seg fit: give --config" in _error(capsys, ["seg", "fit", "--trainer.max_epochs=1"])
 
 
 def test_process_help_explains_resolution(capsys):
@@ -72,6 +135,33 @@ def test_bad_settings_exit_with_message(tmp_path, capsys):
 
 def test_adapters_count_unknown_model_is_one_line(capsys):
     assert "--model vit_smol: Unknown model" in _error(capsys, ["adapters", "count", "lora", "--model", "vit_smol"])
+
+
+def test_wsi_yaml_is_typed_and_its_paths_are_relative_to_it(tmp_path, monkeypatch, capsys):
+    from pathopeft.cli import _build_batch_config
+
+    (tmp_path / "conf").mkdir()
+    cfg = tmp_path / "conf" / "wsi.yaml"
+    cfg.write_text("tiling: {tile_px: 128, min_tissue_fraction: 0.5}\nextract: {weights: w/enc.pth, adapter: ad}\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["wsi", "process", "--slides", "x", "--out", "run", "--config", str(cfg), "--tile-px", "96"]
+    built = _build_batch_config(build_parser().parse_args(argv), features=True)
+    assert built.tiling.tile_px == 96  # the flag overrides the YAML
+    assert built.tiling.min_tissue_fraction == 0.5
+    assert built.extract.weights == str(tmp_path / "conf" / "w" / "enc.pth")  # against the YAML, not the cwd
+    assert built.extract.adapter == str(tmp_path / "conf" / "ad")
+    assert built.out_dir == "run"  # outputs: relative to the working directory
+    flag = _build_batch_config(build_parser().parse_args([*argv, "--weights", "mine.pth"]), features=True)
+    assert flag.extract.weights == "mine.pth"  # a path given as a flag: relative to the working directory
+    assert _build_batch_config(build_parser().parse_args(argv[:-2]), features=False).extract.backbone is None
+
+    base = ["wsi", "tile", "--slides", "x.svs", "--out", str(tmp_path / "o"), "--config", str(cfg)]
+    cfg.write_text("tiling: {tile_sz: 128}\n")
+    assert _error(capsys, base).startswith(f"error: {cfg}: unknown key 'tiling.tile_sz'")
+    cfg.write_text("tiling: {tile_px: big}\n")
+    assert _error(capsys, base).startswith(f"error: {cfg}: Parser key \"tiling.tile_px\": Expected a <class 'int'>")
+    cfg.write_text("qc: maybe\n")
+    assert 'Parser key "qc"' in _error(capsys, base)
 
 
 def test_mag_is_converted_to_mpp(tmp_path):
@@ -141,7 +231,9 @@ def test_mil_run_reports_bad_config(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("manifest: x.csv\nout_dir: o\nstratgy: comel\n")
     assert main(["mil", "run", "--config", str(cfg)]) == 2
-    assert "unknown field(s) ['stratgy']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{cfg}: unknown" in err  # "unknown key 'stratgy'" since the mil config goes through load_config
+    assert "'stratgy'" in err
 
 
 def test_adapters_info_on_bad_folders_is_one_line(tmp_path, capsys):

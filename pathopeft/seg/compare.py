@@ -61,6 +61,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 @dataclass
 class CompareConfig:
+    """One ``seg compare`` run: data, encoder, the methods, the learning-rate sweep and the seeds."""
+
     manifest: str
     out_dir: str
     encoder: str = "densenet121"
@@ -87,6 +89,19 @@ class CompareConfig:
     grid_images: int = 2
     accelerator: str = "cpu"
     precision: str = "32-true"
+
+
+#: Input paths of a compare YAML, resolved against the YAML's folder (``$VAR`` expanded); ``out_dir`` is an output
+#: and stays relative to the working directory.
+COMPARE_PATH_FIELDS = ("manifest", "weights")
+
+
+def load_compare_config(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> CompareConfig:
+    """The typed :class:`CompareConfig` of a YAML (unknown keys and wrong types: one error naming file and key)."""
+    from pathopeft.config import load_config
+
+    overrides = {"out_dir": None if out_dir is None else str(out_dir)}
+    return load_config(CompareConfig, path, overrides, COMPARE_PATH_FIELDS)
 
 
 def _adapter(method: str) -> tuple[str | None, bool]:

@@ -108,6 +108,28 @@ class BatchConfig:
         return asdict(self)
 
 
+#: Input paths of a WSI YAML: resolved against the YAML's folder (``$VAR`` expanded), so the file means the same
+#: from any working directory. The output folder (``--out``) stays relative to where the command runs.
+PATH_FIELDS = ("extract.weights", "extract.adapter")
+#: What a WSI YAML may hold; the rest of :class:`BatchConfig` (out_dir, shard, progress, overwrite) are per run.
+YAML_SECTIONS = ("tiling", "extract", "qc")
+
+
+def load_batch_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> BatchConfig:
+    """:class:`BatchConfig` from a ``tiling:``/``extract:``/``qc:`` YAML and dotted ``overrides`` (flags win).
+
+    Types and unknown keys are checked by :func:`pathopeft.config.load_config` (one ``ConfigError`` naming the
+    file and the key); a misspelt section is named as such, since that is the mistake people make.
+    """
+    from pathopeft.config import ConfigError, load_config, read_yaml
+
+    if path is not None:
+        unknown = sorted(set(read_yaml(path)) - set(YAML_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown section(s) {unknown}; expected {'/'.join(YAML_SECTIONS)}")
+    return load_config(BatchConfig, path, overrides, PATH_FIELDS)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/8"`` → ``(2, 8)`` for job arrays (0-based index)."""
     try:

@@ -6,11 +6,14 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pathopeft.cli import main
 from pathopeft.seg.compare import CompareConfig, run_compare
 from pathopeft.seg.data import write_glas_manifest
+from pathopeft.seg.module import early_stopping
+from tests.seg.test_data import red_is_mask, squares_mask, write_csv, write_pair
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -93,6 +96,73 @@ def test_compare_resumes_and_only_trains_what_is_missing(glas_manifest, tmp_path
     assert len(trained) == 1 + 3
 
 
-@pytest.mark.parametrize("cfg", sorted((REPO / "configs" / "seg").glob("compare_*.yaml")), ids=lambda p: p.name)
-def test_compare_configs_parse(cfg):
-    CompareConfig(**yaml.safe_load(cfg.read_text()))
+def test_compare_yaml_is_typed_and_its_inputs_are_relative_to_it(tmp_path, monkeypatch, capsys):
+    from pathopeft.seg import compare
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg)
+        Path(cfg.out_dir).mkdir(parents=True)
+        (Path(cfg.out_dir) / "report.md").write_text("# report\n")
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = tmp_path / "conf" / "cmp.yaml"
+    cfg.write_text("manifest: ../data/seg.csv\nout_dir: out\nweights: w.safetensors\nlrs: [0.001]\n")
+    assert main(["seg", "compare", "--config", str(cfg)]) == 0
+    assert seen[0].manifest == str(tmp_path / "data" / "seg.csv")  # against the YAML, not the working directory
+    assert seen[0].weights == str(tmp_path / "conf" / "w.safetensors")
+    assert seen[0].out_dir == "out"  # outputs: relative to the working directory
+    assert main(["seg", "compare", "--config", str(cfg), "--out-dir", "other"]) == 0
+    assert seen[1].out_dir == "other"
+    for text, message in [
+        ("manifest: m.csv\nout_dir: o\nmethod: [lora]\n", "unknown key 'method'"),  # was a TypeError traceback
+        ("manifest: m.csv\nout_dir: o\nlrs: fast\n", 'Parser key "lrs"'),  # was accepted, failed in the sweep
+    ]:
+        cfg.write_text(text)
+        assert main(["seg", "compare", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {cfg}: ")
+        assert message in err
+        assert len(err.splitlines()) == 1
+
+
+def _synthetic_set(folder: Path, n: int = 4) -> Path:
+    """``n`` train pairs (40×48, mask {0, 1}) and their manifest ``folder/seg.csv``; no real data needed."""
+    rows = []
+    for i in range(n):
+        mask = squares_mask(40, 48, seed=i)
+        write_pair(folder / "data", f"im{i}", red_is_mask(mask), mask)
+        rows.append({"id": f"r{i}", "image": f"data/im{i}.png", "mask": f"data/im{i}_mask.png", "split": "train"})
+    return write_csv(folder / "seg.csv", rows)
+
+
+def test_fit_resumes_from_its_checkpoint_with_the_shipped_callbacks(tmp_path, monkeypatch):
+    """``--ckpt_path`` resume with the shipped EarlyStopping + ModelCheckpoint; it used to stop with "Early stopping
+    conditioned on metric val/dice which is not available" (checked at train-epoch end, before validation ran)."""
+    _synthetic_set(tmp_path)
+    shipped = yaml.safe_load((REPO / "configs" / "seg" / "monuseg_densenet_lora.yaml").read_text())
+    callbacks = shipped["trainer"]["callbacks"]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == ["EarlyStopping", "ModelCheckpoint"]
+    callbacks[1]["init_args"]["save_last"] = True  # to see where the resumed run ended
+    cfg = yaml.safe_load((HERE / "conf" / "tiny_fit.yaml").read_text())
+    cfg["trainer"]["callbacks"] = callbacks
+    cfg["data"]["manifest"] = "../seg.csv"  # relative to the config file, not to the working directory
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    argv = ["seg", "fit", "--config", str(tmp_path / "conf" / "fit.yaml")]
+    assert main([*argv, f"--trainer.default_root_dir={tmp_path / 'first'}"]) == 0  # one epoch of 2 steps, validated
+    best = tmp_path / "first" / "checkpoints" / "best.ckpt"  # written at validation end
+    assert torch.load(best, weights_only=False)["global_step"] == 2
+    resumed = [f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--ckpt_path", str(best), "--trainer.max_steps=4"]
+    assert main([*argv, *resumed]) == 0
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_early_stopping_waits_for_validation():
+    assert early_stopping()._check_on_train_epoch_end is False  # see test_fit_resumes_from_its_checkpoint_...
