@@ -192,6 +192,13 @@ def test_task_incremental_setting(manifest, tmp_path):
     assert min(state["R"][-1]) >= 0.8
 
 
+def test_replay_in_the_task_incremental_setting_trains_on_its_replayed_bags(manifest, tmp_path):
+    """The replayed aca bags must be in the training softmax (masked to benign+scc their loss was infinite)."""
+    state = run_continual(_cfg(manifest, tmp_path, strategy="replay", setting="task", epochs=5, replay_per_task=6))
+    assert state["done"] == 2
+    assert min(state["R"][-1]) >= 0.8
+
+
 def test_resume_after_injected_crash_trains_each_task_once(manifest, tmp_path):
     cfg = _cfg(manifest, tmp_path)
     with pytest.raises(InjectedCrash):

@@ -1,8 +1,10 @@
 """``replay``: fine-tuning plus a small buffer of earlier tasks' training bags (experience replay).
 
 Before every later task ``replay_per_task`` training bags of the previous task join the buffer (drawn with
-a seeded RNG); the buffer trains next to the current task's bags. In the class-incremental setting the
-replayed bags carry earlier classes, so the training softmax spans every class seen so far.
+a seeded RNG); the buffer trains next to the current task's bags. The replayed bags carry earlier classes, so
+the training softmax spans every class seen so far — in the task-incremental setting too (masking it to the
+current task's classes, as the other strategies do there, made a replayed bag's loss infinite); evaluation
+there still masks to each task's own classes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,5 @@ class Replay(Strategy):
         return list(self.buffer)
 
     def train_classes(self, t: int) -> list[int]:
-        if self.cfg.setting == "class":
-            return self.cfg.allowed(t)
-        return super().train_classes(t)
+        seen = [self.cfg.cls(self.cfg.benign)] + [self.cfg.task_cls(s) for s in range(t + 1)]
+        return list(dict.fromkeys(seen))
