@@ -120,3 +120,24 @@ def test_no_import_cycles_between_pathopeft_modules():
     assert "pathopeft.adapters.core" in graph["pathopeft.adapters.salt.layer"]  # the graph sees real edges
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# --- README lists of plugins stay true to the registries ---------------------------------------------------------
+def test_readme_names_every_registered_plugin():
+    """The README names plugins in prose; a newly registered one that the README does not mention is a stale doc."""
+    from pathopeft.adapters import ADAPTERS
+    from pathopeft.mil.models import MIL_MODELS
+    from pathopeft.mil.strategies import STRATEGIES
+    from pathopeft.seg.model import SEG_DECODERS
+
+    readme = (ROOT / "README.md").read_text().lower()
+    missing = {
+        kind: [n for n in names if n.lower() not in readme]
+        for kind, names in {
+            "adapter": [n for n in ADAPTERS if n != "dense-masked"],
+            "MIL model": list(MIL_MODELS),
+            "strategy": list(STRATEGIES),
+            "seg decoder": list(SEG_DECODERS),
+        }.items()
+    }
+    assert not any(missing.values()), f"README.md does not mention: {missing}"
