@@ -66,8 +66,8 @@ def fit(cfg: SegToWsiConfig, root: Path) -> Path:
 
 
 def run(cfg: SegToWsiConfig) -> list[dict[str, Any]]:
+    from pathopeft.seg.encoder import FEATURES_ONLY_KWARGS
     from pathopeft.seg.export import export_encoder_adapter
-    from pathopeft.seg.model import FEATURES_ONLY_KWARGS
     from pathopeft.seg.module import load_checkpoint
 
     out = Path(cfg.out_dir)

@@ -78,7 +78,7 @@ def test_slides_to_mil_bad_config_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_seg_to_wsi_trains_exports_and_extracts_with_the_adapter(shared_dir, tmp_path):
-    from pathopeft.seg.data import write_glas_manifest
+    from pathopeft.datasets.glas import write_glas_manifest
     from pathopeft.wsi import h5io
 
     glas = write_glas_manifest(

@@ -1,4 +1,4 @@
-"""Data layer of segmentation fine-tuning: manifests, label masks, random crops, eval tiles and stitching.
+"""Data layer of segmentation fine-tuning: manifests, images and label masks, random crops and eval tiles.
 
 Manifest: a CSV with one row per image. Relative paths are resolved against the CSV's own folder, so a
 manifest in ``data_manifests/`` may point at ``../../shared/...``.
@@ -27,15 +27,16 @@ Mask decoding (``mask_mode``): ``"binary"`` maps every value > 0 to 1 (so {0,255
 Items of ``SegDataset`` are dicts: ``image`` float32 (3, crop, crop) in [0, 1] (normalisation belongs to the
 model, which knows its encoder's statistics), ``mask`` int64 (crop, crop), ``index`` (the record's position in
 ``dataset.records``), ``y``/``x`` (the crop's top-left corner in that image), ``height``/``width`` (the full
-image's size, for :func:`stitch`).
+image's size, for :func:`~pathopeft.seg.tiling.stitch`).
+
+The tile grid and stitching are :mod:`pathopeft.seg.tiling`; manifests of the shared public datasets are written
+by :mod:`pathopeft.datasets.monuseg` and :mod:`pathopeft.datasets.glas`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +50,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pathopeft.io import atomic_write_text
 from pathopeft.manifest import ManifestError, check_choice, check_unique, read_rows
+from pathopeft.seg.tiling import _pad_reflect, tile_starts
 
 MaskMode = Literal["binary", "index"]
 Strength = Literal["default", "light", "none"]
@@ -301,62 +302,6 @@ def eval_transforms() -> A.Compose:
     return A.Compose([], mask_interpolation=cv2.INTER_NEAREST)
 
 
-# ------------------------------------------------------------------------------------------ tiles
-
-
-def tile_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Tile origins along one axis: every ``stride`` px, the last one flush with the border."""
-    if length <= crop:
-        return [0]
-    return [*range(0, length - crop, stride), length - crop]
-
-
-def stitch(tiles: Iterable[tuple[torch.Tensor, int, int]], out_shape: tuple[int, int]) -> torch.Tensor:
-    """Average overlapping tile predictions into one (C, H, W) map.
-
-    ``tiles`` yields ``(logits (C, h, w), y, x)``; parts of a tile beyond the image (padding of an image
-    smaller than the crop) are dropped. Sum and count are accumulated separately so borders, covered by fewer
-    tiles, are exact averages too. Every pixel must be covered.
-    """
-    height, width = int(out_shape[0]), int(out_shape[1])
-    total: torch.Tensor | None = None
-    count: torch.Tensor | None = None
-    for logits, y0, x0 in tiles:
-        y, x = int(y0), int(x0)
-        if logits.ndim != 3:
-            raise ValueError(f"tile logits must be (C, h, w), got shape {tuple(logits.shape)}")
-        if not (0 <= y < height and 0 <= x < width):
-            raise ValueError(f"tile origin ({y}, {x}) is outside the {height}×{width} image")
-        if total is None or count is None:
-            dtype = torch.promote_types(logits.dtype, torch.float32)
-            total = torch.zeros((logits.shape[0], height, width), dtype=dtype, device=logits.device)
-            count = torch.zeros((height, width), dtype=dtype, device=logits.device)
-        if logits.shape[0] != total.shape[0]:
-            raise ValueError(f"tiles disagree on the number of channels: {logits.shape[0]} vs {total.shape[0]}")
-        h, w = min(logits.shape[1], height - y), min(logits.shape[2], width - x)
-        total[:, y : y + h, x : x + w] += logits[:, :h, :w].to(total)
-        count[y : y + h, x : x + w] += 1
-    if total is None or count is None:
-        raise ValueError("no tiles to stitch")
-    uncovered = int((count == 0).sum())
-    if uncovered:
-        raise ValueError(f"tiles leave {uncovered} of {height * width} pixels uncovered")
-    return total / count
-
-
-def _pad_reflect(
-    img: np.ndarray, mask: np.ndarray, crop: int, centre: bool
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Reflect-pad image and mask to at least crop×crop; returns the top/left padding too."""
-    h, w = mask.shape
-    ph, pw = max(0, crop - h), max(0, crop - w)
-    if not (ph or pw):
-        return img, mask, 0, 0
-    top, left = (ph // 2, pw // 2) if centre else (0, 0)
-    pads = ((top, ph - top), (left, pw - left))
-    return np.pad(img, (*pads, (0, 0)), mode="reflect"), np.pad(mask, pads, mode="reflect"), top, left
-
-
 # ------------------------------------------------------------------------------------------ dataset
 
 
@@ -367,7 +312,8 @@ class SegDataset(Dataset):
     image ``i % len(records)`` (reflect-padded if the image is smaller), then ``aug``. ``y``/``x`` is the window's
     origin before augmentation (negative where it starts in the padding).
     Eval: one item per tile of the grid ``tile_starts(H, crop, stride)`` × ``tile_starts(W, crop, stride)``
-    (``stride`` default ``crop // 2``); ``self.tiles[i] == (index, y, x)``, and :func:`stitch` reassembles them.
+    (``stride`` default ``crop // 2``); ``self.tiles[i] == (index, y, x)``, and :func:`~pathopeft.seg.tiling.stitch`
+    reassembles them.
 
     Image and mask sizes are checked from the headers at construction; pixels are decoded by :meth:`validate`
     (which ``SegDataModule.setup`` calls) or on first use and, with ``cache=True``, kept (uint8, ~4 MB per 1000²
@@ -437,7 +383,7 @@ class SegDataset(Dataset):
         return len(self.tiles)
 
     def image_size(self, index: int) -> tuple[int, int]:
-        """(height, width) of record ``index``: the ``out_shape`` for :func:`stitch`."""
+        """(height, width) of record ``index``: the ``out_shape`` for :func:`~pathopeft.seg.tiling.stitch`."""
         return self.sizes[index]
 
     def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -642,85 +588,3 @@ class SegDataModule(pl.LightningDataModule):
         if not self.test_records:
             raise SegDataError(f"{self.manifest}: no test rows")
         return self._loader(self.test_set, train=False)
-
-
-# ------------------------------------------------------------------------------------------ shared datasets
-
-
-def _rel(target: Path, out_csv: Path) -> str:
-    return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(out_csv.parent))).as_posix()
-
-
-def _write_manifest(out_csv: Path, rows: list[dict[str, str]]) -> Path:
-    cols = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)  # csv's \r\n, as the committed manifests have
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_csv, buf.getvalue())
-    return out_csv
-
-
-def _source_rows(root: Path, name: str) -> list[dict[str, str]]:
-    src = root / "manifest.csv"
-    if not src.is_file():
-        raise SegDataError(f"{src}: {name} manifest not found (is {root} the {name} folder?)")
-    with src.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _checked(path: Path, src: Path) -> Path:
-    if not path.is_file():
-        raise SegDataError(f"{src}: listed file {path} not found")
-    return path
-
-
-def write_monuseg_manifest(root: str | os.PathLike[str], out_csv: str | os.PathLike[str]) -> Path:
-    """Manifest for MoNuSeg (``images/``, ``binary_masks/``, official train/test ``split``).
-
-    ``group`` is the TCGA patient barcode (first three fields of the id), so a held-out val split never
-    shares a patient with train. Use ``mask_mode="binary"``: the masks are {0, 255}.
-    """
-    root, out = Path(root), Path(out_csv)
-    rows = []
-    for row in _source_rows(root, "MoNuSeg"):
-        rid = row["id"]
-        rows.append(
-            {
-                "id": rid,
-                "image": _rel(_checked(root / "images" / f"{rid}.png", root / "manifest.csv"), out),
-                "mask": _rel(_checked(root / "binary_masks" / f"{rid}.png", root / "manifest.csv"), out),
-                "split": row["split"],
-                "group": "-".join(rid.split("-")[:3]),
-            }
-        )
-    return _write_manifest(out, rows)
-
-
-def write_glas_manifest(
-    root: str | os.PathLike[str], out_csv: str | os.PathLike[str], split_map: Mapping[str, str] | None = None
-) -> Path:
-    """Manifest for the 22-image GlaS subset (``images/*.jpg``, ``masks/*.png`` {0, 255}).
-
-    All 22 are official GlaS *test* images (testA/testB), so every row is ``test`` unless ``split_map`` maps
-    the ``glas_split`` (``testA``/``testB``) elsewhere — e.g. ``{"testA": "train", "testB": "test"}`` for an
-    overfit-a-few-images fixture. ``glas_split`` is kept as an extra column.
-    """
-    root, out = Path(root), Path(out_csv)
-    mapping = dict(split_map or {})
-    rows = []
-    for row in _source_rows(root, "GlaS"):
-        rid, official = row["id"], row["glas_split"]
-        split = mapping.get(official, "test")
-        if split not in SPLITS:
-            raise ValueError(f"split_map sends {official!r} to {split!r}, not one of {list(SPLITS)}")
-        rows.append(
-            {
-                "id": rid,
-                "image": _rel(_checked(root / "images" / f"{rid}.jpg", root / "manifest.csv"), out),
-                "mask": _rel(_checked(root / "masks" / f"{rid}.png", root / "manifest.csv"), out),
-                "split": split,
-                "glas_split": official,
-            }
-        )
-    return _write_manifest(out, rows)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from pathopeft.errors import UserError
-from pathopeft.seg.model import FEATURES_ONLY_KWARGS, SegModel
+from pathopeft.seg.encoder import FEATURES_ONLY_KWARGS
+from pathopeft.seg.model import SegModel
 
 
 class ExportError(UserError):

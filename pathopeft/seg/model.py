@@ -1,129 +1,42 @@
 """``SegModel``: a timm encoder (frozen, adapted or fully trained) + a small decoder to per-pixel logits.
 
-Decoders are the entries of :data:`SEG_DECODERS`; each knows which encoders it accepts (told apart by the
-timm model itself) and how it builds, loads and reads them. ``decoder="auto"`` takes the first that accepts
-the encoder:
+Decoders are the entries of :data:`~pathopeft.seg.decoders.SEG_DECODERS`; each knows which encoders it accepts
+(told apart by the timm model itself) and how it builds, loads and reads them. ``decoder="auto"`` takes the first
+that accepts the encoder:
 
 * ``vit-progressive``, for **ViT-like** encoders (``patch_embed`` + ``blocks``: ``vit_*``, ``deit_*``,
   ``samvit_*`` …): ``forward_features`` gives patch tokens at stride ``patch_size``; prefix tokens (class,
   distillation, registers) are dropped and the rest is reshaped to a map (SAM's neck already returns one).
-  A :class:`ProgressiveDecoder` upsamples it 2× at a time.
+  A :class:`~pathopeft.seg.decoders.ProgressiveDecoder` upsamples it 2× at a time.
 * ``unet``, for **CNN feature pyramids** (``resnet*``, ``densenet*``, …): ``features_only=True``
-  multi-scale maps feed a :class:`UNetDecoder` (upsample, concatenate the skip, conv).
+  multi-scale maps feed a :class:`~pathopeft.seg.decoders.UNetDecoder` (upsample, concatenate the skip, conv).
 
 How the encoder trains is one switch: ``adapter=None`` → frozen (decoder-only baseline), ``adapter="full"``
 → full fine-tuning, any other name → :func:`pathopeft.adapters.create` on the encoder only. The model takes
 images in [0, 1] and normalises them itself, so data code never has to know an encoder's statistics.
+
+The decoders and their families are :mod:`pathopeft.seg.decoders`; loading encoder weights is
+:mod:`pathopeft.seg.encoder`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pathopeft.backbones import HEAD_PREFIXES, BackboneError, close_names, load_state_dict_file
-from pathopeft.errors import UserError
-from pathopeft.registry import Registry
+from pathopeft.backbones import BackboneError, close_names
+from pathopeft.seg.decoders import SEG_DECODERS, SegDecoderSpec, choose_decoder
+from pathopeft.seg.encoder import FEATURES_ONLY_KWARGS, _base_key, is_vit_like
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["frozen", "adapter", "full"]
-#: ``timm.create_model`` arguments that only a ``features_only`` model takes
-FEATURES_ONLY_KWARGS = ("out_indices", "feature_cls", "feature_cfg", "flatten_sequential", "output_fmt")
-
-
-# --- decoders ---------------------------------------------------------------------------------------------
-def conv_norm_act(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:
-    """Conv-GroupNorm-ReLU. GroupNorm, not BatchNorm: no running statistics to checkpoint, and it behaves
-    the same at the small batch sizes of tile training."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
-        nn.GroupNorm(math.gcd(8, c_out), c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ProgressiveDecoder(nn.Module):
-    """Token map at stride ``2**n_up`` → logits: 1×1 + 3×3 conv, then ``n_up`` × (2× bilinear upsample + conv).
-
-    The 1×1 projection first keeps the decoder small for wide encoders (ViT-B: 0.1 M parameters, not 0.5 M),
-    which matters when its parameters are counted against an adapter's. Widths halve per stage from
-    ``channels`` (floor 16), so the full-resolution convolutions stay cheap. A patch size that is not a power
-    of two (e.g. 14) ends with one bilinear resize to the input size.
-    """
-
-    def __init__(self, in_channels: int, n_classes: int, channels: int = 64, n_up: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(conv_norm_act(in_channels, channels, kernel=1), conv_norm_act(channels, channels))
-        widths = [channels] + [max(channels >> (i + 1), 16) for i in range(n_up)]
-        self.stages = nn.ModuleList(conv_norm_act(widths[i], widths[i + 1]) for i in range(n_up))
-        self.head = nn.Conv2d(widths[-1], n_classes, 1)
-
-    def forward(self, feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        x = self.stem(feature)
-        for stage in self.stages:
-            x = stage(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
-        x = self.head(x)
-        if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-
-
-class UNetDecoder(nn.Module):
-    """Multi-scale CNN features (shallow → deep) → logits at the input resolution.
-
-    Deepest map → 1×1 conv to ``channels``; at every shallower scale: upsample to the skip's size,
-    concatenate the skip (projected to ``channels`` by a 1×1 conv, so wide skips such as DenseNet's 1024
-    channels do not inflate the 3×3 convs), conv3x3. Then one more upsample to the input size and conv (half
-    width) + 1×1 head.
-    """
-
-    def __init__(self, encoder_channels: Sequence[int], n_classes: int, channels: int = 64) -> None:
-        super().__init__()
-        skips = list(reversed(encoder_channels[:-1]))
-        self.center = conv_norm_act(encoder_channels[-1], channels, kernel=1)
-        self.laterals = nn.ModuleList(conv_norm_act(c, channels, kernel=1) for c in skips)
-        self.stages = nn.ModuleList(conv_norm_act(2 * channels, channels) for _ in skips)
-        half = max(channels // 2, 8)
-        self.final = conv_norm_act(channels, half)
-        self.head = nn.Conv2d(half, n_classes, 1)
-
-    def forward(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        x = self.center(features[-1])
-        for skip, lateral, stage in zip(reversed(features[:-1]), self.laterals, self.stages, strict=True):
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = stage(torch.cat([x, lateral(skip)], dim=1))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.head(self.final(x))
-
-
-# --- encoder construction ---------------------------------------------------------------------------------
-def is_vit_like(model: nn.Module) -> bool:
-    """timm's plain ViT family (``vit_*``, ``deit_*``, ``samvit_*``, eva …): a patch embedding + a block stack."""
-    return hasattr(model, "patch_embed") and hasattr(model, "blocks")
-
-
-def _accepts_kwarg(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` takes ``name``, following ``**kwargs`` up the MRO (deit's distilled ViT)."""
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters
-        if name in params:
-            return True
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return False
-    return False
 
 
 @contextlib.contextmanager
@@ -136,255 +49,6 @@ def _seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _without_stem(model: nn.Module, names: list[str]) -> list[str]:
-    """Drop the first convolution (the stem): timm's ``features_only`` flattens names (``features_conv0``)
-    so the ``all-conv`` preset's stem rule does not see it."""
-    stem = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-    return [n for n in names if n != stem]
-
-
-def _fit_vit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's own checkpoint filter (pos-embed/patch-embed resampling, foreign layouts), then resample what it
-    leaves at another size: SAM's NHWC pos-embed and relative-position tables (checkpoints of 1024 px)."""
-    from timm.layers import resample_abs_pos_embed_nhwc
-
-    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filt is not None:
-        sd = filt(sd, model)
-    own = model.state_dict()
-    out = dict(sd)
-    for k, v in sd.items():
-        if k not in own or own[k].shape == v.shape:
-            continue
-        if k.endswith("pos_embed") and v.ndim == 4:
-            out[k] = resample_abs_pos_embed_nhwc(v, list(own[k].shape[1:3]))
-        elif "rel_pos" in k and v.ndim == 2 and v.shape[1] == own[k].shape[1]:
-            out[k] = F.interpolate(v.T[None].float(), size=own[k].shape[0], mode="linear").squeeze(0).T.to(v.dtype)
-    return out
-
-
-def _features_only_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, str]:
-    """Map each key of the ``features_only`` model to its key in a plain timm checkpoint.
-
-    timm flattens top-level ``nn.Sequential``s (``features.conv0`` → ``features_conv0``); the split point is
-    found by trying each ``_`` of the first name component.
-    """
-    mapping: dict[str, str] = {}
-    for key in model.state_dict():
-        candidates = [key, key.removeprefix("model.")]
-        head, _, rest = key.partition(".")
-        candidates += [f"{head[:i]}.{head[i + 1 :]}.{rest}" for i, ch in enumerate(head) if ch == "_"]
-        found = next((c for c in candidates if c in sd), None)
-        if found is not None:
-            mapping[key] = found
-    return mapping
-
-
-def load_encoder_weights(model: nn.Module, path: str | os.PathLike[str], vit: bool) -> None:
-    """Load a local timm-format checkpoint into the encoder (read with :func:`pathopeft.backbones.load_state_dict_file`).
-
-    ``backbones.load_weights`` does not fit here: a ViT built for the crop size needs its position embedding
-    resampled, and a ``features_only`` CNN has renamed modules and lacks the layers after its last stage.
-    Every tensor of the encoder must come from the file (else ``ValueError``); for a CNN, file tensors of
-    layers the encoder dropped are reported, not fatal.
-    """
-    sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(HEAD_PREFIXES)}
-    own = model.state_dict()
-    if vit:
-        sd = _fit_vit_state_dict(sd, model)
-        mapping = {k: k for k in own if k in sd}
-    else:
-        mapping = _features_only_keys(sd, model)
-    missing = [k for k in own if k not in mapping and not k.endswith("num_batches_tracked")]
-    unused = sorted(set(sd) - set(mapping.values()))
-    wrong = [k for k, src in mapping.items() if sd[src].shape != own[k].shape]
-    if missing or wrong or (vit and unused):
-        raise BackboneError(
-            f"{path}: weights do not fit encoder {type(model).__name__}: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(wrong)} of another shape (e.g. {[(k, tuple(sd[mapping[k]].shape), tuple(own[k].shape)) for k in wrong[:2]]}), "
-            f"{len(unused) if vit else 0} unexpected (e.g. {unused[:3] if vit else []})"
-        )
-    if unused:
-        log.info(
-            "%s: %d tensors of layers after the last feature stage not used (e.g. %s)", path, len(unused), unused[:3]
-        )
-    model.load_state_dict({k: sd[src] for k, src in mapping.items()}, strict=False)
-
-
-def _base_key(name: str) -> str:
-    """A wrapped encoder's state-dict key → the plain timm key (strip the adapter wrappers' prefixes)."""
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    return name.replace(".base_layer.", ".")
-
-
-# --- decoder families: which encoders, how built and read -------------------------------------------------
-class DecoderError(UserError, ValueError):
-    """A decoder that does not take the chosen encoder (or none that does); the message names both."""
-
-
-class SegDecoderSpec:
-    """A decoder family: which encoders it accepts, how it builds, loads and reads them, and how its decoder
-    module turns their features into logits. :class:`SegModel` asks its entry instead of branching on the
-    encoder type; one instance per model holds the encoder geometry it reads (patch size, layout …)."""
-
-    @staticmethod
-    def accepts(probe: nn.Module) -> bool:
-        """Whether this family takes the encoder (``probe``: the plain timm model, built on the meta device)."""
-        raise NotImplementedError
-
-    def create_encoder(
-        self, encoder: str, probe: nn.Module, enc_kw: dict[str, Any], img_size: int | None
-    ) -> nn.Module:
-        raise NotImplementedError
-
-    def load_weights(self, model: nn.Module, path: str | os.PathLike[str]) -> None:
-        raise NotImplementedError
-
-    def adapter_targets(self, model: nn.Module, targets: str | list[str] | None) -> str | list[str]:
-        """The adapter targets to use on ``model`` (``targets`` as given, or this family's default)."""
-        raise NotImplementedError
-
-    def build(self, model: nn.Module, n_classes: int, channels: int) -> nn.Module:
-        """Read the encoder's geometry (before an adapter wraps it) and return the decoder module."""
-        raise NotImplementedError
-
-    def encode(self, model: nn.Module, x: torch.Tensor, encoder: str) -> list[torch.Tensor]:
-        """Normalised images → feature maps (NCHW) the decoder takes; ``encoder`` names it in errors."""
-        raise NotImplementedError
-
-    def decode(self, decoder: nn.Module, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-#: Segmentation decoders by name; ``encoders`` says what each accepts (for messages and listings).
-SEG_DECODERS: Registry[type[SegDecoderSpec]] = Registry("segmentation decoder", {"encoders": ""})
-
-
-@SEG_DECODERS.register("vit-progressive", encoders="ViT-like encoders (patch_embed + blocks: vit_*, deit_*, samvit_*)")
-class ViTProgressiveSpec(SegDecoderSpec):
-    """Patch tokens → map at stride ``patch_size`` → :class:`ProgressiveDecoder`; adapters default to ``attn``."""
-
-    patch_size: tuple[int, int]
-    num_prefix_tokens: int
-    fixed_size: tuple[int, int] | None
-
-    @staticmethod
-    def accepts(probe: nn.Module) -> bool:
-        return is_vit_like(probe)
-
-    def create_encoder(
-        self, encoder: str, probe: nn.Module, enc_kw: dict[str, Any], img_size: int | None
-    ) -> nn.Module:
-        import timm
-
-        if img_size is not None:
-            enc_kw.setdefault("img_size", img_size)
-        if _accepts_kwarg(type(probe), "dynamic_img_size"):
-            enc_kw.setdefault("dynamic_img_size", True)
-        return timm.create_model(encoder, pretrained=False, num_classes=0, **enc_kw)
-
-    def load_weights(self, model: nn.Module, path: str | os.PathLike[str]) -> None:
-        load_encoder_weights(model, path, vit=True)
-
-    def adapter_targets(self, model: nn.Module, targets: str | list[str] | None) -> str | list[str]:
-        return targets or "attn"
-
-    def build(self, model: nn.Module, n_classes: int, channels: int) -> nn.Module:
-        ps = model.patch_embed.patch_size
-        self.patch_size = (int(ps[0]), int(ps[1])) if isinstance(ps, Sequence) else (ps, ps)
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        fixed = not getattr(model, "dynamic_img_size", False) and getattr(model.patch_embed, "strict_img_size", False)
-        self.fixed_size = tuple(model.patch_embed.img_size) if fixed else None
-        n_up = max(1, int(math.log2(min(self.patch_size))))
-        return ProgressiveDecoder(model.num_features, n_classes, channels, n_up)
-
-    def encode(self, model: nn.Module, x: torch.Tensor, encoder: str) -> list[torch.Tensor]:
-        h, w = x.shape[-2:]
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise ValueError(
-                f"input {h}×{w} is not a multiple of the patch size {ph}×{pw} of {encoder}: "
-                "use crops (and padding) of a multiple of the patch size"
-            )
-        if self.fixed_size is not None and (h, w) != self.fixed_size:
-            raise ValueError(
-                f"{encoder} is built for {self.fixed_size[0]}×{self.fixed_size[1]} inputs, got "
-                f"{h}×{w}: set img_size to the crop size"
-            )
-        out = model.forward_features(x)
-        if out.ndim == 3:  # tokens (B, N, D): drop class/distillation/register tokens, back to a map
-            tokens = out[:, self.num_prefix_tokens :]
-            out = tokens.transpose(1, 2).reshape(out.shape[0], out.shape[-1], h // ph, w // pw)
-        return [out]  # samvit: its neck returns (B, C, h, w) already
-
-    def decode(self, decoder: nn.Module, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return decoder(feats[0], size)
-
-
-@SEG_DECODERS.register("unet", encoders="CNN feature pyramids (timm features_only: resnet*, densenet*, convnext*)")
-class UNetSpec(SegDecoderSpec):
-    """``features_only`` multi-scale maps → :class:`UNetDecoder`; adapters default to every conv but the stem."""
-
-    channels_last: bool
-
-    @staticmethod
-    def accepts(probe: nn.Module) -> bool:
-        return not is_vit_like(probe)
-
-    def create_encoder(
-        self, encoder: str, probe: nn.Module, enc_kw: dict[str, Any], img_size: int | None
-    ) -> nn.Module:
-        import timm
-
-        return timm.create_model(encoder, pretrained=False, features_only=True, **enc_kw)
-
-    def load_weights(self, model: nn.Module, path: str | os.PathLike[str]) -> None:
-        load_encoder_weights(model, path, vit=False)
-
-    def adapter_targets(self, model: nn.Module, targets: str | list[str] | None) -> str | list[str]:
-        from pathopeft.adapters import resolve_targets
-
-        tg = targets or "all-conv"
-        if tg in ("all-conv", "all"):
-            tg = _without_stem(model, resolve_targets(model, tg))
-        return tg
-
-    def build(self, model: nn.Module, n_classes: int, channels: int) -> nn.Module:
-        self.channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
-        return UNetDecoder(model.feature_info.channels(), n_classes, channels)
-
-    def encode(self, model: nn.Module, x: torch.Tensor, encoder: str) -> list[torch.Tensor]:
-        feats = model(x)
-        feats = list(feats.values()) if isinstance(feats, dict) else list(feats)
-        if self.channels_last:
-            feats = [f.permute(0, 3, 1, 2) for f in feats]
-        return feats
-
-    def decode(self, decoder: nn.Module, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return decoder(feats, size)
-
-
-def choose_decoder(name: str, probe: nn.Module, encoder: str) -> str:
-    """The registered decoder for ``encoder``: ``name``, or with ``"auto"`` the first that accepts it."""
-    fits = [n for n in SEG_DECODERS if SEG_DECODERS.get(n).accepts(probe)]
-    if name.lower() == "auto":
-        if not fits:
-            raise DecoderError(
-                f"no segmentation decoder accepts encoder {encoder!r} (known: {', '.join(SEG_DECODERS)})"
-            )
-        return fits[0]
-    entry = SEG_DECODERS.entry(name)  # UnknownPluginError lists the known decoders
-    if entry.name not in fits:
-        raise DecoderError(
-            f"decoder {entry.name!r} takes {entry.caps['encoders']}; encoder {encoder!r} is not one "
-            f"(decoders that take it: {', '.join(fits) or 'none'}; or decoder='auto')"
-        )
-    return entry.name
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -406,7 +70,7 @@ class SegModel(nn.Module):
         mean, std: input normalisation; default from the timm pretrained config. The capricorn DenseNet-121
             wants ``mean=(0, 0, 0), std=(1, 1, 1)``.
         decoder_channels: decoder width.
-        decoder: a :data:`SEG_DECODERS` name, or ``"auto"``: the first registered decoder that accepts the
+        decoder: a :data:`~pathopeft.seg.decoders.SEG_DECODERS` name, or ``"auto"``: the first registered decoder that accepts the
             encoder (``vit-progressive`` for ViT-like encoders, ``unet`` for CNNs). The config keeps the
             resolved name, so a checkpoint rebuilds the same decoder.
         freeze_encoder: only with ``adapter=None``: ``False`` trains the whole encoder (same as ``"full"``).
@@ -472,7 +136,7 @@ class SegModel(nn.Module):
             raise BackboneError(f"encoder {encoder!r}: {e}") from None
         self.is_vit = is_vit_like(probe)  # for callers; the code below asks the decoder entry
         self.config["decoder"] = choose_decoder(decoder, probe, encoder)
-        #: the decoder family (a :data:`SEG_DECODERS` entry) that builds and reads this encoder
+        #: the decoder family (a :data:`~pathopeft.seg.decoders.SEG_DECODERS` entry) that builds and reads this encoder
         self.decoder_spec: SegDecoderSpec = SEG_DECODERS.get(self.config["decoder"])()
 
         with _seeded(None if weights is not None else init_seed):

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from pathopeft.cli import main
+from pathopeft.datasets.glas import write_glas_manifest
 from pathopeft.seg.compare import CompareConfig, run_compare
-from pathopeft.seg.data import write_glas_manifest
 from pathopeft.seg.module import early_stopping
 from tests.seg.test_data import red_is_mask, squares_mask, write_csv, write_pair
 

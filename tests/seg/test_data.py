@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from pathopeft.datasets.glas import write_glas_manifest
+from pathopeft.datasets.monuseg import write_monuseg_manifest
 from pathopeft.seg.data import (
     SegDataError,
     SegDataModule,
@@ -22,12 +24,9 @@ from pathopeft.seg.data import (
     read_mask,
     read_seg_manifest,
     split_train_val,
-    stitch,
-    tile_starts,
     train_transforms,
-    write_glas_manifest,
-    write_monuseg_manifest,
 )
+from pathopeft.seg.tiling import stitch, tile_starts
 
 # ------------------------------------------------------------------------------------------ helpers
 

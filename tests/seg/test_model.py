@@ -18,7 +18,9 @@ from torch import nn
 
 from pathopeft.adapters import ADAPTERS, SnellaBudgetCallback
 from pathopeft.registry import UnknownPluginError
-from pathopeft.seg.model import SEG_DECODERS, DecoderError, SegModel, UNetSpec, ViTProgressiveSpec, _base_key
+from pathopeft.seg.decoders import SEG_DECODERS, DecoderError, UNetSpec, ViTProgressiveSpec
+from pathopeft.seg.encoder import _base_key
+from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule, early_stopping, one_hot
 
 METHODS = list(ADAPTERS)

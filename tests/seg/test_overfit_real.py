@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pathopeft.seg.data import decode_mask, read_image, read_mask, read_seg_manifest, write_glas_manifest
+from pathopeft.datasets.glas import write_glas_manifest
+from pathopeft.seg.data import decode_mask, read_image, read_mask, read_seg_manifest
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pathopeft.seg.compare import predict_full
-from pathopeft.seg.data import SegDataset, SegRecord, stitch
+from pathopeft.seg.data import SegDataset, SegRecord
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.predict import predict_image
+from pathopeft.seg.tiling import stitch
 from tests.seg.test_data import squares_mask, write_pair
 
 
