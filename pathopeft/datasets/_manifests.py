@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from pathopeft.io import atomic_write_text
-from pathopeft.seg.data import SegDataError
+from pathopeft.seg.images import SegDataError
 
 
 def _rel(target: Path, out_csv: Path) -> str:

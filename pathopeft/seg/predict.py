@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pathopeft.io import atomic_write_bytes
-from pathopeft.seg.data import read_image, read_size
+from pathopeft.seg.images import read_image, read_size
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.tiling import stitch, tile_starts
 
