@@ -301,7 +301,7 @@ def cmd_adapters_count(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_info(args: argparse.Namespace) -> int:
-    from pathopeft.adapters.core import adapter_config_path, read_json
+    from pathopeft.adapters.serialization import adapter_config_path, read_json
 
     print(json.dumps(read_json(adapter_config_path(args.adapter_dir)), indent=2))  # AdapterLoadError names the file
     base = args.adapter_dir / "pathopeft_base.json"
@@ -356,8 +356,7 @@ def _seg_fit_args(rest: Sequence[str]) -> tuple[list[str], Path | None]:
     Each config is checked first (a missing file or bad YAML is one line instead of LightningCLI's usage text) and
     is followed by its input paths resolved against its folder (``$VAR`` expanded), so flags after it still win.
     """
-    from pathopeft.config import ConfigError, resolve_path
-    from pathopeft.seg.compare import read_config
+    from pathopeft.config import ConfigError, read_yaml, resolve_path
 
     out, config, i = ["fit"], None, 0
     while i < len(rest):
@@ -373,7 +372,7 @@ def _seg_fit_args(rest: Sequence[str]) -> tuple[list[str], Path | None]:
         out += rest[i : i + step]
         i += step
         config = Path(value)
-        data = read_config(config)
+        data = read_yaml(config)
         for dotted in SEG_FIT_PATH_FIELDS:
             node: Any = data
             for key in dotted.split("."):
@@ -418,7 +417,7 @@ def cmd_seg_fit(args: argparse.Namespace) -> int:
     instead of printing its usage text, so a bad key or value is one ``error:`` line naming the config; data
     errors (``SegDataModule.setup`` checks every file) pass through.
     """
-    from pathopeft.seg.compare import SegConfigError
+    from pathopeft.config import ConfigError
     from pathopeft.seg.data import SegDataModule
     from pathopeft.seg.module import SegModule
 
@@ -432,7 +431,7 @@ def cmd_seg_fit(args: argparse.Namespace) -> int:
             parser_kwargs={"exit_on_error": False, "prog": "pathopeft seg"},
         )  # fmt: skip
     except argparse.ArgumentError as e:  # jsonargparse: unknown key, wrong type, missing required value
-        raise SegConfigError(f"{config or 'seg fit'}: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{config or 'seg fit'}: {' '.join(str(e).split())}") from None
     return 0
 
 

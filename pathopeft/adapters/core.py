@@ -18,37 +18,25 @@ difference. A method here is one :class:`Delta` subclass (its parameters and ΔW
 :class:`AdapterConfig` subclass, registered by its own package with :func:`register` into :data:`ADAPTERS`
 together with its capabilities (which the pipelines and the test matrix ask instead of keeping name lists).
 
-Every adapter file carries the base model's architecture name and a fingerprint of the targeted weights'
-shapes, so loading it onto a different model fails with a clear error instead of silently mis-loading.
+The file format (what ``save_pretrained`` writes, the base-model fingerprint every file carries and the
+checks ``from_pretrained`` makes) is :mod:`pathopeft.adapters.serialization`; the methods here only call it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pathopeft.adapters.targets import resolve_targets
-from pathopeft.errors import UserError
 from pathopeft.registry import Registry
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class AdapterLoadError(UserError, ValueError):
-    """An adapter file that does not belong to this base model (or is not an adapter file)."""
 
 
 @dataclass
@@ -210,22 +198,6 @@ class AdaptedLayer(nn.Module):
             w.sub_(self.deltas[name].delta_weight(self.base_layer).to(w.dtype).view_as(w))
 
 
-def architecture_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return str(cfg.get("architecture") or type(model).__name__)
-
-
-def fingerprint(model: nn.Module, target_names: list[str]) -> str:
-    """Hash of (name, weight shape) of the targeted layers: equal for the same architecture and size."""
-    modules = dict(model.named_modules())
-    items = []
-    for n in target_names:
-        m = modules[n]
-        m = getattr(m, "base_layer", m)
-        items.append(f"{n}:{tuple(m.weight.shape)}")
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
-
-
 class AdapterModel(nn.Module):
     """A model with named adapters of one registered method family; see the module docstring."""
 
@@ -360,33 +332,14 @@ class AdapterModel(nn.Module):
                 out[n] = p.detach()
         return out
 
-    # --- files ------------------------------------------------------------------------------------------
+    # --- files: the format lives in pathopeft.adapters.serialization (imported here, not at module level) ---
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
     ) -> None:
         """PEFT's layout: the ``default`` adapter in ``save_directory``, others in ``save_directory/<name>``."""
-        from pathopeft import __version__
+        from pathopeft.adapters.serialization import save_adapters
 
-        root = Path(save_directory)
-        for name in selected_adapters or list(self.peft_config):
-            d = root if name == "default" else root / name
-            d.mkdir(parents=True, exist_ok=True)
-            cfg = self.peft_config[name].to_dict()
-            cfg["base_model"] = {
-                "architecture": architecture_name(self.base_model),
-                "fingerprint": fingerprint(self.base_model, self._targets[name]),
-            }
-            cfg["pathopeft_version"] = __version__
-            tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
-            meta = {
-                "format": "pt",
-                "adapter_type": cfg["adapter_type"],
-                **{k: str(v) for k, v in cfg["base_model"].items()},
-            }
-            tmp = d / (WEIGHTS_NAME + ".tmp")
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, d / WEIGHTS_NAME)
-            (d / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, default=list) + "\n")
+        save_adapters(self, save_directory, selected_adapters)
 
     @classmethod
     def from_pretrained(
@@ -397,115 +350,11 @@ class AdapterModel(nn.Module):
         is_trainable: bool = False,
     ) -> AdapterModel:
         """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder from ``save_pretrained``)."""
-        config = read_adapter_config(model_id)
-        try:
-            wrapped = cls(model, config, adapter_name)
-        except ValueError as e:  # the saved targets do not exist in this model
-            raise AdapterLoadError(
-                f"{model_id}: this adapter does not fit this {architecture_name(model)!r}: {e}"
-            ) from e
-        wrapped._load_weights(model_id, adapter_name)
-        if not is_trainable:
-            for p in wrapped.parameters():
-                p.requires_grad_(False)
-        return wrapped
+        from pathopeft.adapters.serialization import load_pretrained
+
+        return load_pretrained(cls, model, model_id, adapter_name, is_trainable)
 
     def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False) -> None:
-        self.add_adapter(adapter_name, read_adapter_config(model_id))
-        self._load_weights(model_id, adapter_name)
-        if not is_trainable:
-            for layer in self._layers().values():
-                if adapter_name in layer.deltas:
-                    layer.deltas[adapter_name].requires_grad_(False)
+        from pathopeft.adapters.serialization import load_adapter
 
-    def _load_weights(self, model_id: str | os.PathLike[str], adapter_name: str) -> None:
-        d = Path(model_id)
-        saved = read_json(d / CONFIG_NAME).get("base_model", {})
-        check_base_model(self.base_model, self._targets[adapter_name], saved, d)
-        tensors = read_safetensors(d / WEIGHTS_NAME)
-        cfg = self.peft_config[adapter_name]
-        tag = f".{cfg.adapter_type}."
-        for layer_name, layer in self._layers().items():
-            if adapter_name in layer.deltas:
-                prefix = f"{layer_name}{tag}"
-                own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                layer.deltas[adapter_name].before_load(own)
-        params = self.base_model.state_dict(keep_vars=True)
-        for key, value in tensors.items():
-            name = key.replace(tag, f".deltas.{adapter_name}.", 1)
-            if name not in params:
-                raise AdapterLoadError(f"{d / WEIGHTS_NAME}: tensor {key!r} has no place in this model")
-            if params[name].shape != value.shape:
-                raise AdapterLoadError(
-                    f"{d / WEIGHTS_NAME}: {key!r} has shape {tuple(value.shape)}, the model wants "
-                    f"{tuple(params[name].shape)}"
-                )
-            with torch.no_grad():
-                params[name].copy_(value)
-
-
-def adapter_config_path(model_id: str | os.PathLike[str]) -> Path:
-    """``model_id/adapter_config.json``, or an :class:`AdapterLoadError` saying which of the two is missing."""
-    d = Path(model_id)
-    if not d.is_dir():
-        raise AdapterLoadError(f"{d}: adapter folder not found" + (" (it is a file)" if d.exists() else ""))
-    path = d / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: no adapter config here (expected a folder written by adapters.save())")
-    return path
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; anything unreadable is an :class:`AdapterLoadError` naming the file."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterLoadError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(d, dict):
-        raise AdapterLoadError(f"{path}: expected a JSON object, found {type(d).__name__}")
-    return d
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter weights file; missing or corrupt is an :class:`AdapterLoadError` naming it."""
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: adapter weights not found")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError): the file is at fault
-        raise AdapterLoadError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def read_adapter_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
-    path = adapter_config_path(model_id)
-    d = read_json(path)
-    if "adapter_type" not in d:
-        raise AdapterLoadError(f"{path}: not a pathopeft adapter config (no 'adapter_type'; a PEFT one?)")
-    try:
-        return our_method(str(d["adapter_type"])).config_cls.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:  # unknown method, unknown or ill-typed fields
-        raise AdapterLoadError(f"{path}: {e.args[0] if e.args else e}") from e
-
-
-def check_base_model(model: nn.Module, targets: list[str], saved: dict[str, Any], where: Path) -> None:
-    """Refuse an adapter made for another architecture or another size: "the base model differs", naming both.
-
-    ``targets`` are the full names of the layers the adapter was made for; when this model lacks some of them
-    it is a different base model too, so that is reported the same way (not as "missing layers").
-    """
-    if not saved:
-        return
-    modules = dict(model.named_modules())
-    lacking = [t for t in targets if not hasattr(getattr(modules.get(t), "base_layer", modules.get(t)), "weight")]
-    arch = architecture_name(model)
-    fp = None if lacking else fingerprint(model, targets)
-    if lacking or saved.get("architecture") != arch or saved.get("fingerprint") != fp:
-        why = (
-            f"this model lacks {len(lacking)} of its {len(targets)} target layers (e.g. {lacking[:3]})"
-            if lacking
-            else "the targeted layers differ in names or shapes"
-        )
-        raise AdapterLoadError(
-            f"{where}: the base model differs: this adapter was made for base model {saved.get('architecture')!r} "
-            f"(fingerprint {saved.get('fingerprint')}), not for this {arch!r} (fingerprint {fp or 'n/a'}): {why}"
-        )
+        load_adapter(self, model_id, adapter_name, is_trainable)

@@ -24,24 +24,20 @@ from torch import nn
 
 # our methods register on import, in this order (the listing order: keep it, not alphabetical)
 from pathopeft.adapters import salt, wara, snella, owlora  # noqa: F401  # isort: skip
-from pathopeft.adapters.core import (
-    ADAPTERS,
+from pathopeft.adapters.core import ADAPTERS, AdapterMethod, AdapterModel, our_method, register
+from pathopeft.adapters.serialization import (
+    BASE_INFO_NAME,
     WEIGHTS_NAME,
     AdapterLoadError,
-    AdapterMethod,
-    AdapterModel,
     adapter_config_path,
     architecture_name,
     check_base_model,
     fingerprint,
-    our_method,
     read_json,
-    register,
 )
 from pathopeft.adapters.targets import resolve_targets
+from pathopeft.io import atomic_write_text
 from pathopeft.registry import UnknownPluginError
-
-BASE_INFO_NAME = "pathopeft_base.json"  # beside PEFT's own files: the fingerprint and full targets PEFT does not keep
 
 __all__ = ["ADAPTERS", "BASE_INFO_NAME", "create", "list_methods", "load", "register", "save"]
 
@@ -189,7 +185,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         model.save_pretrained(d, selected_adapters=[name])
     sub = d if name == "default" else d / name
     info = dict(getattr(model, "_pathopeft_base", {}))
-    (sub / BASE_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(sub / BASE_INFO_NAME, json.dumps(info, indent=2) + "\n")
     return sub
 
 

@@ -10,6 +10,7 @@ over seeds, IoU, trainable parameters (count and %), peak memory and time per st
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -23,40 +24,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import yaml
 
-from pathopeft.errors import UserError
+from pathopeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pathopeft.memory import peak_mib, start_peak
 from pathopeft.seg.data import SegDataModule, SegDataset
 from pathopeft.seg.metrics import DiceIoU
 from pathopeft.seg.model import SegModel
 from pathopeft.seg.module import SegModule
 from pathopeft.seg.predict import predict_image
-
-
-class SegConfigError(UserError, ValueError):
-    """A ``seg fit`` / ``seg compare`` config that is missing or not a YAML mapping; the message names it."""
-
-
-def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The YAML mapping in ``path``, or one error naming the file: checked before LightningCLI, which would
-    bury a missing file under its usage text."""
-    p = Path(path)
-    if not p.is_file():
-        raise SegConfigError(f"{p}: config not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise SegConfigError(f"{p}: not valid YAML ({where}{e.problem or e.context})") from e
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SegConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SegConfigError(f"{p}: expected a mapping of settings (key: value), got a YAML {type(data).__name__}")
-    return data
 
 
 @dataclass
@@ -191,13 +166,10 @@ def run_cached(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDat
     run["val_dice"], run["val_iou"], _ = score(model, dm.val_set, cfg)
     run["test_dice"], run["test_iou"], probs = score(model, dm.test_set, cfg)
     grid = {i: p.argmax(0).to(torch.uint8) for i, p in list(probs.items())[: cfg.grid_images]}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with open(masks.with_suffix(".tmp.npz"), "wb") as f:
-        np.savez_compressed(f, **{str(i): m.numpy() for i, m in grid.items()})
-    os.replace(masks.with_suffix(".tmp.npz"), masks)
-    tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**run, "signature": sig}, indent=1))
-    os.replace(tmp, record)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{str(i): m.numpy() for i, m in grid.items()})
+    atomic_write_bytes(masks, buf.getvalue())
+    atomic_write_json(record, {**run, "signature": sig}, indent=1)  # last: a record means its masks exist
     print(
         f"[compare] {key}: val Dice {run['val_dice']:.4f}, test Dice {run['test_dice']:.4f}, "
         f"{run['s_per_step']:.2f} s/step",
@@ -265,15 +237,13 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
             f"{per_seed} | {r['iou_mean']:.4f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
             f"{r['peak_mib']:.0f} | {r['s_per_step']:.2f} | {r['s_per_step'] * cfg.max_steps / 60:.1f} |"
         )
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "report.md")
-    with (out / "results.csv.tmp").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(out / "results.csv.tmp", out / "results.csv")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
+    atomic_write_json(out / "config.json", asdict(cfg), indent=2)
 
 
 def picture_grid(ds: SegDataset, grids: dict[str, dict[int, torch.Tensor]], path: Path) -> None:
@@ -297,6 +267,6 @@ def picture_grid(ds: SegDataset, grids: dict[str, dict[int, torch.Tensor]], path
             if row == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
+    atomic_write_bytes(path, png.getvalue())
