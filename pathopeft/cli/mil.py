@@ -1,0 +1,76 @@
+"""``pathopeft mil run|compare``: continual MIL from a YAML."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _mil_config(args: argparse.Namespace):
+    """The run's ContinualConfig: the YAML plus the command-line overrides (a bad key or value: ConfigError)."""
+    from pathopeft.mil.config import load_config
+
+    return load_config(
+        args.config, strategy=getattr(args, "strategy", None), setting=args.setting, out_dir=args.out_dir,
+        epochs=args.epochs, seed=args.seed, manifest=args.manifest,
+    )  # fmt: skip
+
+
+def cmd_mil_run(args: argparse.Namespace) -> int:
+    from pathopeft.mil.continual import run_continual
+
+    try:
+        cfg = _mil_config(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state = run_continual(cfg)
+    print((Path(cfg.out_dir) / f"{cfg.strategy}-{cfg.setting}" / "results.md").read_text())
+    return 0 if state["done"] else 1
+
+
+def cmd_mil_compare(args: argparse.Namespace) -> int:
+    from pathopeft.mil.continual import compare
+
+    try:
+        cfg = _mil_config(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(compare(cfg, args.strategies).to_markdown())
+    return 0
+
+
+#: Input paths of a ``seg fit`` YAML (dotted keys), resolved against the YAML before LightningCLI reads it: jsonargparse
+#: resolves config-relative paths only for ``Path``-typed arguments, and these are ``str``.
+
+
+def add_commands(sub: Any) -> None:
+    """Register this group's sub-commands on the top-level sub-parsers."""
+    from pathopeft.mil.strategies import STRATEGIES  # cheap: strategy modules import torch inside their hooks
+
+    mil = sub.add_parser("mil", help="continual multiple-instance learning (CoMEL) on feature bags").add_subparsers(
+        dest="cmd", required=True
+    )
+    for name, helptext in (
+        ("run", "train one strategy task after task (resumes after a crash)"),
+        ("compare", "run several strategies on the same data and seed; one report"),
+    ):
+        p = mil.add_parser(name, help=helptext)
+        p.add_argument("--config", type=Path, required=True, help="YAML of ContinualConfig fields (configs/mil/)")
+        p.add_argument("--manifest", help="bag manifest CSV (slide_id,path,label,task,split)")
+        p.add_argument("--out-dir", help="output folder")
+        p.add_argument("--setting", choices=["class", "task"], help="class- or task-incremental")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--seed", type=int)
+        if name == "run":
+            p.add_argument("--strategy", help=f"continual strategy: {' | '.join(STRATEGIES.names())}")
+            p.set_defaults(func=cmd_mil_run)
+        else:
+            p.add_argument(
+                "--strategies", nargs="+", default=STRATEGIES.names(ablation=False),
+                help=f"strategies to compare (default: all but the ablations; known: {', '.join(STRATEGIES.names())})",
+            )  # fmt: skip
+            p.set_defaults(func=cmd_mil_compare)
