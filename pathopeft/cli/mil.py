@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,7 @@ def _mil_config(args: argparse.Namespace):
 def cmd_mil_run(args: argparse.Namespace) -> int:
     from pathopeft.mil.continual import run_continual
 
-    try:
-        cfg = _mil_config(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = _mil_config(args)  # a bad config is a ConfigError: one line from pathopeft.cli.main
     state = run_continual(cfg)
     print((Path(cfg.out_dir) / f"{cfg.strategy}-{cfg.setting}" / "results.md").read_text())
     return 0 if state["done"] else 1
@@ -34,11 +29,7 @@ def cmd_mil_run(args: argparse.Namespace) -> int:
 def cmd_mil_compare(args: argparse.Namespace) -> int:
     from pathopeft.mil.continual import compare
 
-    try:
-        cfg = _mil_config(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = _mil_config(args)  # a bad config is a ConfigError: one line from pathopeft.cli.main
     print(compare(cfg, args.strategies).to_markdown())
     return 0
 
