@@ -76,7 +76,11 @@ def coords_attrs(grid: TileGrid, slide_id: str, level_dimensions: tuple[tuple[in
 
 
 def _write(
-    path: Path, datasets: Mapping[str, np.ndarray], coords_meta: Mapping[str, Any], root_meta: Mapping[str, Any]
+    path: Path,
+    datasets: Mapping[str, np.ndarray],
+    coords_meta: Mapping[str, Any],
+    root_meta: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     with atomic_h5(path) as f:
         for name, data in datasets.items():
@@ -89,6 +93,9 @@ def _write(
         for k, v in root_meta.items():
             f.attrs[k] = v
         f.attrs["pathopeft_version"] = __version__
+        for name, value in (extra or {}).items():  # per-tile extras (labels, tile paths): plain datasets
+            is_text = len(value) > 0 and isinstance(next(iter(value)), str)
+            f.create_dataset(name, data=value, dtype=h5py.string_dtype() if is_text else None)
 
 
 def write_patches(
@@ -105,13 +112,20 @@ def write_features(
     coords: np.ndarray,
     coords_meta: Mapping[str, Any],
     root_meta: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Atomically write a features file (``features`` (N, D) float32 + ``coords`` (N, 2) int64)."""
+    """Atomically write a features file (``features`` (N, D) float32 + ``coords`` (N, 2) int64).
+
+    ``extra``: more per-tile datasets (e.g. ``instance_labels``, ``tile_paths``), one row per tile.
+    """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2 or len(features) != len(coords):
         raise ValueError(f"{path}: features {features.shape} do not match coords {coords.shape}")
-    _write(Path(path), {"features": features, "coords": coords}, coords_meta, root_meta)
+    for name, value in (extra or {}).items():
+        if len(value) != len(coords):
+            raise ValueError(f"{path}: {name} has {len(value)} rows, coords {len(coords)}")
+    _write(Path(path), {"features": features, "coords": coords}, coords_meta, root_meta, extra)
 
 
 def read_hash(path: str | os.PathLike[str]) -> str | None:

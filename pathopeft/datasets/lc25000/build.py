@@ -14,15 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pathopeft import __version__
 from pathopeft.datasets.lc25000.bags import Bag, BagSpec, make_bags
 from pathopeft.datasets.lc25000.tiles import LABEL_SPACE, TASKS, TILE_PX, load_tile_table, read_tile, split_groups
-from pathopeft.io import atomic_h5, atomic_write_bytes, atomic_write_text
+from pathopeft.io import atomic_write_bytes, atomic_write_text
 from pathopeft.mil.tile_features import tile_features
 from pathopeft.wsi import h5io
 
@@ -58,20 +56,10 @@ def _coords_meta(slide_id: str, grid: int) -> dict[str, Any]:
 
 
 def _write_h5(path: Path, bag: Bag, features: np.ndarray, root_meta: Mapping[str, Any]) -> None:
-    """The bag's H5 in one atomic write: the WSI stage's features-file layout (:mod:`pathopeft.wsi.h5io`:
-    chunked, resizable ``features``/``coords`` with CLAM's coords attributes) plus the tile ground truth."""
-    datasets = {"features": np.asarray(features, dtype=np.float32), "coords": bag.coords}
-    with atomic_h5(path) as f:
-        for name, data in datasets.items():
-            chunks = (max(1, min(len(data), 1024)), *data.shape[1:]) if len(data) else None
-            f.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks)
-        for k, v in _coords_meta(bag.slide_id, bag.grid).items():
-            f["coords"].attrs[k] = v
-        for k, v in root_meta.items():
-            f.attrs[k] = v
-        f.attrs["pathopeft_version"] = __version__
-        f.create_dataset("instance_labels", data=bag.instance_labels.astype(np.int8))
-        f.create_dataset("tile_paths", data=[t.rel for t in bag.tiles], dtype=h5py.string_dtype())
+    """The bag's H5: the WSI stage's features-file layout (:func:`pathopeft.wsi.h5io.write_features`) plus the
+    tile ground truth (``instance_labels``) and the tiles it came from (``tile_paths``)."""
+    extra = {"instance_labels": bag.instance_labels.astype(np.int8), "tile_paths": [t.rel for t in bag.tiles]}
+    h5io.write_features(path, features, bag.coords, _coords_meta(bag.slide_id, bag.grid), root_meta, extra)
 
 
 def write_bag(
