@@ -5,10 +5,15 @@ The runner is the same for every strategy: at each point where strategies differ
 strategy hook (which net trains, on which bags and classes, with which extra loss; what is evaluated after
 each step; which adapters serve which task), so a new strategy needs no change here.
 
-After every step the runner writes ``task_<t>/net.pt`` (the whole net, for resuming), the adapters as
-safetensors (``task_<t>/adapters``, when the net has any) and ``state.json``, each atomically
-(:mod:`pathopeft.io`); a rerun resumes after the last finished step. Results: ``results.csv``,
-``results.md``, ``R_<strategy>.png``, ``tile_scores.h5`` and per-slide heatmaps.
+After every step the runner writes, each atomically (:mod:`pathopeft.io`): ``task_<t>/net.safetensors`` (the
+net's state dict, no pickled module), ``task_<t>/strategy.safetensors`` (the strategy's tensors, e.g. EWC's
+Fisher terms, when it has any), the adapters (``task_<t>/adapters``, when the net has any) and ``state.json``
+(progress, matrices, the strategy's JSON state such as replay's buffer). A rerun resumes after the last
+finished step: it builds the net from the config, replays every finished step's structure changes
+(:meth:`Strategy.rebuild`, on that step's starting weights, no training), loads each step's state dict
+strictly and restores the strategy's state, so a resumed run gives the results of an uninterrupted one. A
+folder from before state dicts (a pickled ``net.pt``) is refused (:class:`StaleCheckpointError`). Results:
+``results.csv``, ``results.md``, ``R_<strategy>.png``, ``tile_scores.h5`` and per-slide heatmaps.
 
 Before any training every bag of the configured tasks is checked once (:func:`prepare_bags`): a bad file
 stops the run in seconds with one line naming it; bags with 0 tiles are skipped and listed in
@@ -35,6 +40,8 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as safetensors_bytes
 
 from pathopeft import adapters
 from pathopeft.adapters.owlora import set_active_tasks
@@ -65,6 +72,7 @@ __all__ = [
     "ContinualRunner",
     "InjectedCrash",
     "NonFiniteTrainingError",
+    "StaleCheckpointError",
     "compare",
     "load_config",
     "prepare_bags",
@@ -72,6 +80,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+NET_FILE = "net.safetensors"  # task_<t>/: the net's state dict after step t
+STRATEGY_FILE = "strategy.safetensors"  # task_<t>/: the strategy's tensors after step t (when it has any)
+CHECKPOINT_FORMAT = "pathopeft.mil.state_dict/1"
 
 
 class InjectedCrash(RuntimeError):
@@ -85,6 +97,15 @@ class ContinualError(UserError, ValueError):
 class NonFiniteTrainingError(UserError, RuntimeError):
     """A task trained into NaN/Inf (loss, weights or accuracy): it is not saved, so earlier tasks stay the
     resume point instead of a poisoned checkpoint."""
+
+
+class StaleCheckpointError(ContinualError):
+    """A run folder written before checkpoints were state dicts (a pickled ``net.pt``): not resumable."""
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of ``tensors`` (copied: contiguous, CPU, no shared storage)."""
+    return safetensors_bytes({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata)
 
 
 def _non_finite(net: torch.nn.Module) -> str | None:
@@ -198,11 +219,13 @@ class ContinualRunner:
         return accs, aucs
 
     def _tile_scores(self, pred: dict[str, Any]) -> torch.Tensor:
-        """Per-tile tumour scores: BPPL's instance head when trained, else attention relative to the bag's
-        most attended tile times the bag's tumour probability (so tiles of benign-looking bags stay low and
-        scores are comparable across slides, as the instance AUC pools them)."""
+        """Per-tile tumour scores: with BPPL, what it trained (CoMEL: the min-max normalised attention;
+        ``legacy``: the instance head), else attention relative to the bag's most attended tile times the bag's
+        tumour probability (so tiles of benign-looking bags stay low and scores are comparable across slides,
+        as the instance AUC pools them)."""
         if self.cfg.bppl_on:
-            return pred["tile_scores"]
+            legacy = BPPLConfig(**self.cfg.bppl).variant == "legacy"
+            return pred["tile_scores"] if legacy else pred["attention_scores"]
         p_tumour = 1.0 - pred["probs"][self.cfg.cls(self.cfg.benign)]
         return p_tumour * pred["attention"] / pred["attention"].max().clamp_min(1e-12)
 
@@ -214,17 +237,10 @@ class ContinualRunner:
         state["skipped_bags"] = [
             {"slide_id": s.record.slide_id, "path": str(s.record.path), "reason": s.reason} for s in self.skipped
         ]
+        net: torch.nn.Module = MILNet(cfg.model, self.in_dim, len(cfg.classes), **cfg.model_kwargs)
         if state["done"]:
-            ckpt = self.root / f"task_{state['done'] - 1}" / "net.pt"
-            net = torch.load(ckpt, weights_only=False)
-            bad = _non_finite(net)
-            if bad:  # written before non-finite tasks were refused: resuming would carry the NaNs on
-                raise NonFiniteTrainingError(
-                    f"{ckpt}: {bad} (saved before non-finite tasks were refused); delete {self.root} and rerun"
-                )
+            net = self._resume(net, state)
             log.info("resuming %s after task %d", self.root, state["done"])
-        else:
-            net = MILNet(cfg.model, self.in_dim, len(cfg.classes), **cfg.model_kwargs)
         for t in range(state["done"], strategy.n_steps()):
             _seed(cfg.seed + t)
             net = strategy.before_task(net, t)
@@ -250,9 +266,12 @@ class ContinualRunner:
                 state["peak_rss_mib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             )
             task_dir = self.root / f"task_{t}"
-            buf = io.BytesIO()
-            torch.save(net, buf)
-            atomic_write_bytes(task_dir / "net.pt", buf.getvalue())
+            meta = {"format": CHECKPOINT_FORMAT, "task": str(t), "model": cfg.model, "strategy": cfg.strategy}
+            atomic_write_bytes(task_dir / NET_FILE, _tensor_bytes(net.state_dict(), meta))
+            tensors, values = strategy.save_state()
+            if tensors:
+                atomic_write_bytes(task_dir / STRATEGY_FILE, _tensor_bytes(tensors, meta))
+            state["strategy_state"] = values
             if isinstance(net, adapters.AdapterModel):
                 adapters.save(net, task_dir / "adapters")
             state["done"] = t + 1
@@ -262,6 +281,58 @@ class ContinualRunner:
                 raise InjectedCrash(f"injected crash after task {t}")
         self._report(net, state)
         return state
+
+    # --- resuming -------------------------------------------------------------------------------------
+    def _resume(self, net: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
+        """The net and strategy state after the ``state["done"]`` finished steps, rebuilt without training:
+        each step's structure changes are replayed (seeded as the step was) on the weights it started from,
+        then its saved state dict is loaded strictly; the strategy's state of the last step is restored."""
+        done = state["done"]
+        for t in range(done):
+            _seed(self.cfg.seed + t)
+            net = self.strategy.rebuild(net, t)
+            self._load_net(net, self.root / f"task_{t}")
+        last = self.root / f"task_{done - 1}" / STRATEGY_FILE
+        tensors = self._read_tensors(last) if last.is_file() else {}
+        self.strategy.load_state(tensors, state.get("strategy_state", {}))
+        return net
+
+    def _read_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_safetensors(path)
+        except Exception as e:  # SafetensorError, OSError: the file is at fault
+            raise ContinualError(f"{path}: not a readable checkpoint ({e}); delete {self.root} and rerun") from e
+
+    def _load_net(self, net: torch.nn.Module, task_dir: Path) -> None:
+        """Copy ``task_dir``'s saved state dict into ``net`` (strictly) and refuse NaN/Inf weights."""
+        path = task_dir / NET_FILE
+        if not path.is_file():
+            if (task_dir / "net.pt").is_file():
+                raise StaleCheckpointError(
+                    f"{task_dir}: holds a pickled net.pt from an older pathopeft, which cannot be resumed; "
+                    f"delete {self.root} and rerun"
+                )
+            raise ContinualError(
+                f"{path}: missing, though state.json says this task finished; delete {self.root} and rerun"
+            )
+        sd = self._read_tensors(path)
+        for name, mod in net.named_modules():  # adapters whose shapes depend on data grow to the saved ones
+            if isinstance(mod, adapters.Delta):
+                prefix = f"{name}."
+                mod.before_load({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
+        try:
+            net.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            why = " ".join(str(e).split())
+            raise ContinualError(
+                f"{path}: does not fit the net rebuilt from the configuration ({why[:300]}); "
+                f"delete {self.root} and rerun"
+            ) from e
+        bad = _non_finite(net)
+        if bad:  # written before non-finite tasks were refused: resuming would carry the NaNs on
+            raise NonFiniteTrainingError(
+                f"{path}: {bad} (saved before non-finite tasks were refused); delete {self.root} and rerun"
+            )
 
     def _check_finite(
         self, t: int, tasks: list[str], trainer: pl.Trainer, net: torch.nn.Module, accs: list[float]

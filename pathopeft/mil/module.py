@@ -4,7 +4,7 @@
 features. ``ContinualMILModule`` trains it on bags one at a time with
 
     loss = CE(bag logits restricted to the classes allowed now, bag label)
-         + λ_inst · CE(instance logits, BPPL pseudo-labels)            (strategy uses BPPL)
+         + λ_inst · BPPL instance loss on the attention              (strategy uses BPPL; :mod:`~pathopeft.mil.bppl`)
          + λ_ewc/2 · Σ F_k (θ_k − θ*_k)²                               (EWC: its ``module_kwargs``)
 
 Which classes are "allowed" is the setting: class-incremental — every class seen so far (no task id at test
@@ -23,18 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathopeft.mil.bppl import BPPLConfig, instance_loss, pseudo_labels
+from pathopeft.mil.bppl import (
+    BPPLConfig,
+    attention_scores,
+    bag_quality,
+    comel_instance_loss,
+    instance_loss,
+    next_tau2,
+    pseudo_labels,
+)
 from pathopeft.mil.models import create_mil_model
 from pathopeft.mil.models.base import MILOutput
 
 
 class MILNet(nn.Module):
-    """Bag model + instance head: ``forward(x, coords) -> (MILOutput, instance_logits (N, C))``."""
+    """Bag model + instance head: ``forward(x, coords) -> (MILOutput, instance_logits (N, C))``.
+
+    The instance head is trained only by the ``legacy`` BPPL variant; CoMEL's BPPL trains the attention.
+    The buffer ``bppl_tau2`` is BPPL's adaptive τ₂ (0 until a first epoch ends; every estimate is ≥ ½); it
+    lives in the net's state dict so that it carries from task to task and through a resume, as the official
+    trainer's ``self.tau2`` does.
+    """
 
     def __init__(self, model: str, in_dim: int, n_classes: int, **model_kwargs: Any) -> None:
         super().__init__()
         self.mil = create_mil_model(model, in_dim=in_dim, n_classes=n_classes, **model_kwargs)
         self.instance_head = nn.Linear(self.mil.hidden_dim, n_classes)
+        self.register_buffer("bppl_tau2", torch.tensor(0.0))
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[MILOutput, torch.Tensor]:
         out = self.mil(x, coords)
@@ -69,6 +84,13 @@ class ContinualMILModule(pl.LightningModule):
         self.bppl = bppl or BPPLConfig()
         self.lr, self.weight_decay = lr, weight_decay
         self.ewc, self.ewc_lambda = ewc or {}, ewc_lambda
+        self._quality_sum, self._quality_n = 0.0, 0
+
+    @property
+    def tau2(self) -> float:
+        """BPPL's τ₂ now: the last epoch's re-estimate (carried on the net), else ``bppl.tau2_init``."""
+        tau2 = float(self.net.bppl_tau2) if hasattr(self.net, "bppl_tau2") else 0.0
+        return tau2 if tau2 > 0 else self.bppl.tau2_init
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[MILOutput, torch.Tensor]:
         return self.net(x, coords)
@@ -77,7 +99,17 @@ class ContinualMILModule(pl.LightningModule):
         out, inst_logits = self.net(batch["features"], batch["coords"].float())
         label = torch.as_tensor(batch["label"], device=out.bag_logits.device)
         losses = {"bag": F.cross_entropy(masked(out.bag_logits, self.allowed)[None], label[None])}
-        if self.use_bppl and self.current_epoch >= self.bppl.warmup_epochs:
+        if self.use_bppl and self.bppl.variant == "comel":
+            bag_logits = masked(out.bag_logits, self.allowed)
+            self._quality_sum += bag_quality(bag_logits, int(label))
+            self._quality_n += 1
+            if self.current_epoch >= self.bppl.warmup_epochs:
+                is_tumour = int(label) != self.benign
+                inst, _ = comel_instance_loss(
+                    out.attention, out.instance_features, bag_logits, int(label), is_tumour, self.tau2, self.bppl
+                )
+                losses["instance"] = self.bppl.weight * inst
+        elif self.use_bppl and self.current_epoch >= self.bppl.warmup_epochs:
             pl_labels = pseudo_labels(out.instance_features, out.attention, int(label), self.benign, self.bppl)
             losses["instance"] = self.bppl.weight * instance_loss(masked(inst_logits, self.allowed), pl_labels)
         if self.ewc and self.ewc_lambda > 0:
@@ -93,6 +125,15 @@ class ContinualMILModule(pl.LightningModule):
             self.log(f"train/{k}", v, batch_size=1, on_epoch=True, on_step=False)
         return total
 
+    def on_train_epoch_start(self) -> None:
+        self._quality_sum, self._quality_n = 0.0, 0
+
+    def on_train_epoch_end(self) -> None:
+        """CoMEL's τ₂ re-estimate from this epoch's bags (official trainer L352), used from the next epoch on."""
+        if self.use_bppl and self.bppl.variant == "comel" and self._quality_n:
+            self.net.bppl_tau2.fill_(next_tau2(self.bppl.tau, self._quality_sum, self._quality_n))
+            self.log("train/bppl_tau2", self.tau2, on_epoch=True, on_step=False)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, _ = self.net(batch["features"], batch["coords"].float())
         pred = int(masked(out.bag_logits, self.allowed).argmax())
@@ -105,7 +146,9 @@ class ContinualMILModule(pl.LightningModule):
 
 @torch.no_grad()
 def predict_bag(net: MILNet, bag: dict[str, Any], allowed: Sequence[int], benign_class: int = 0) -> dict[str, Any]:
-    """Bag probabilities over ``allowed`` classes, attention and per-tile tumour scores of one bag."""
+    """Bag probabilities over ``allowed`` classes, attention and per-tile tumour scores of one bag:
+    ``attention_scores`` (CoMEL BPPL's min-max normalised attention) and ``tile_scores`` (the instance head,
+    BPPL's ``legacy`` variant)."""
     net.eval()
     out, inst = net(bag["features"], bag["coords"].float())
     probs = torch.softmax(masked(out.bag_logits, allowed).float(), dim=-1)
@@ -113,6 +156,7 @@ def predict_bag(net: MILNet, bag: dict[str, Any], allowed: Sequence[int], benign
     return {
         "probs": probs,
         "attention": out.attention.float(),
+        "attention_scores": attention_scores(out.attention.float()),
         "tile_scores": 1.0 - inst_probs[:, benign_class],
     }
 

@@ -5,22 +5,24 @@ from __future__ import annotations
 import csv
 import errno
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pathopeft import io as pathopeft_io
-from pathopeft.errors import DiskFullError
+from pathopeft.errors import DiskFullError, UserError
 from pathopeft.manifest import ManifestError
 from pathopeft.mil.bppl import IGNORE, BPPLConfig, pseudo_labels
-from pathopeft.mil.continual import ContinualConfig, InjectedCrash, run_continual
+from pathopeft.mil.continual import ContinualConfig, InjectedCrash, StaleCheckpointError, run_continual
 from pathopeft.mil.data import BagManifestError, read_bag_manifest
 from pathopeft.mil.strategies import STRATEGIES
 from pathopeft.wsi import h5io
 
-TINY = {"hidden_dim": 16, "n_groups": 4, "n_layers": 1, "heads": 2, "attn_dim": 8, "dropout": 0.0}
+TINY = {"hidden_dim": 16, "n_layers": 1, "heads": 2, "attn_dim": 8, "dropout": 0.0, "trans_dropout": 0.0}
 
 
 # --- BPPL ----------------------------------------------------------------------------------------------------
@@ -46,16 +48,19 @@ def test_bppl_negative_bag_is_all_benign():
 
 
 # --- synthetic bags --------------------------------------------------------------------------------------------
-def make_bags(root, n_per_class: int = 6, k: int = 4, dim: int = 8, seed: int = 0):
-    """Two tasks; tumour tiles of class c are shifted along feature axis c; a 2×2 blob per positive bag."""
+def make_bags(
+    root, n_per_class: int = 6, k: int = 4, dim: int = 8, seed: int = 0, tasks=(("aca", 1), ("scc", 2)), n_eval=3
+):
+    """Tasks (name, feature axis): tumour tiles of a task's class are shifted along its axis; a 2×2 blob per
+    positive bag. ``n_per_class`` training and ``n_eval`` val/test bags per class and task."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     coords = np.array([(c * 224, r * 224) for r in range(k) for c in range(k)], dtype=np.int64)
-    for task, cls_idx in (("aca", 1), ("scc", 2)):
+    for task, cls_idx in tasks:
         for split in ("train", "val", "test"):
             for label in ("benign", task):
-                for i in range(n_per_class if split == "train" else 3):
+                for i in range(n_per_class if split == "train" else n_eval):
                     feats = rng.normal(0, 0.3, (k * k, dim)).astype(np.float32)
                     inst = np.zeros(k * k, dtype=np.int8)
                     if label != "benign":
@@ -128,7 +133,7 @@ def test_every_output_is_written_through_pathopeft_io(manifest, tmp_path, monkey
     root = tmp_path / "comel-class"
     outputs = [p for p in root.rglob("*") if p.is_file()]
     names = {p.name for p in outputs}
-    assert {"state.json", "net.pt", "tile_scores.h5", "results.csv", "results.md", "R_comel.png"} <= names
+    assert {"state.json", "net.safetensors", "tile_scores.h5", "results.csv", "results.md", "R_comel.png"} <= names
     not_via_io = [p for p in outputs if pathopeft_io.tmp_path(p).name not in written and "adapters" not in p.parts]
     assert not not_via_io
 
@@ -206,10 +211,79 @@ def test_resume_after_injected_crash_trains_each_task_once(manifest, tmp_path):
     root = tmp_path / "comel-class"
     state = json.loads((root / "state.json").read_text())
     assert state["done"] == 1
-    first = (root / "task_0" / "net.pt").stat().st_mtime_ns
+    first = (root / "task_0" / "net.safetensors").stat().st_mtime_ns
     resumed = run_continual(cfg)
     assert resumed["done"] == 2
-    assert (root / "task_0" / "net.pt").stat().st_mtime_ns == first  # task 0 was not trained again
+    assert (root / "task_0" / "net.safetensors").stat().st_mtime_ns == first  # task 0 was not trained again
     assert resumed["R"][0] == state["R"][0]
     with pytest.raises(ValueError, match="different configuration"):
         run_continual(_cfg(manifest, tmp_path, lr=1e-2))
+
+
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny three-task stream (so a resume has earlier strategy state to carry: Fisher terms, a buffer)."""
+    tasks = (("aca", 1), ("scc", 2), ("ade", 3))
+    return make_bags(tmp_path_factory.mktemp("bags3"), n_per_class=3, n_eval=2, tasks=tasks)
+
+
+def _results_without_cost(path):
+    """results.csv's rows minus the wall-time and memory columns (the only ones a resume may change)."""
+    with path.open(newline="") as f:
+        return [
+            {k: v for k, v in r.items() if k not in ("train_time_s", "peak_memory_mib")} for r in csv.DictReader(f)
+        ]
+
+
+@pytest.mark.slow  # ~30 s for the seven strategies on two CPU cores
+@pytest.mark.parametrize("strategy", STRATEGIES.names())
+def test_a_resumed_run_gives_the_results_of_an_uninterrupted_one(three_tasks, tmp_path, strategy):
+    """Crash after task 1 (joint: after its only step), rerun: the same results as one uninterrupted run —
+    the net is rebuilt from state dicts and the strategy's state (EWC's penalty, replay's buffer) restored."""
+    classes = {"classes": ["benign", "aca", "scc", "ade"], "tasks": ["aca", "scc", "ade"]}
+    kw = {"epochs": 1, "heatmaps": 0, "collect_bags": 3, "replay_per_task": 2, "strategy": strategy, **classes}
+    whole = run_continual(_cfg(three_tasks, tmp_path / "whole", **kw))
+    cfg = _cfg(three_tasks, tmp_path / "resumed", **kw)
+    crash_after = min(1, whole["done"] - 1)
+    with pytest.raises(InjectedCrash):
+        run_continual(cfg, crash_after_task=crash_after)
+    resumed = run_continual(cfg)
+    a, b = tmp_path / "whole" / f"{strategy}-class", tmp_path / "resumed" / f"{strategy}-class"
+    assert resumed["done"] == whole["done"]
+    assert (resumed["R"], resumed["I"]) == (whole["R"], whole["I"])
+    assert resumed.get("strategy_state") == whole.get("strategy_state")
+    assert _results_without_cost(b / "results.csv") == _results_without_cost(a / "results.csv")
+    for t in range(whole["done"]):  # the same weights (the files' headers may order their metadata differently)
+        wa, wb = load_file(a / f"task_{t}" / "net.safetensors"), load_file(b / f"task_{t}" / "net.safetensors")
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with h5py.File(a / "tile_scores.h5") as fa, h5py.File(b / "tile_scores.h5") as fb:
+        assert sorted(fa) == sorted(fb)
+        assert all(np.array_equal(fa[k]["scores"][:], fb[k]["scores"][:]) for k in fa)
+    if strategy == "ewc":
+        assert (b / "task_1" / "strategy.safetensors").is_file()
+    if strategy == "replay":
+        assert len(resumed["strategy_state"]["buffer"]) == 2 * 2  # two earlier tasks' bags
+
+
+def test_no_pickle_in_the_runner(manifest, tmp_path):
+    """Checkpoints are plain state dicts: nothing in pathopeft/mil pickles or unpickles (torch.save/load)."""
+    import pathopeft.mil
+
+    root = Path(pathopeft.mil.__file__).parent
+    offenders = [p for p in root.rglob("*.py") if "torch.save(" in p.read_text() or "torch.load(" in p.read_text()]
+    assert not offenders
+
+
+def test_a_folder_with_a_pickled_net_is_refused_with_one_line(manifest, tmp_path):
+    """A run folder of an older pathopeft (whole pickled module in net.pt): one line naming it, saying to delete it."""
+    cfg = _cfg(manifest, tmp_path, strategy="finetune", epochs=1, heatmaps=0)
+    with pytest.raises(InjectedCrash):
+        run_continual(cfg, crash_after_task=0)
+    task_dir = tmp_path / "finetune-class" / "task_0"
+    (task_dir / "net.safetensors").rename(task_dir / "net.pt")  # what an old run left there
+    with pytest.raises(
+        StaleCheckpointError, match=r"task_0: holds a pickled net\.pt .*; delete .*finetune-class and rerun"
+    ):
+        run_continual(cfg)
+    assert issubclass(StaleCheckpointError, UserError)

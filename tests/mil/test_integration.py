@@ -40,7 +40,7 @@ def test_slides_to_features_to_comel_heatmap(slides_dir, tmp_path):
     state = run_continual(
         ContinualConfig(
             manifest=str(bags), out_dir=str(tmp_path / "mil"), classes=["benign", "tumour"], tasks=["t"],
-            task_class={"t": "tumour"}, epochs=2, model_kwargs={"hidden_dim": 16, "n_groups": 4, "heads": 2},
+            task_class={"t": "tumour"}, epochs=2, model_kwargs={"hidden_dim": 16, "heads": 2},
         )
     )  # fmt: skip
     assert state["done"] == 1

@@ -1,5 +1,6 @@
 """MIL model zoo: the MILModel contract for every registered model, plus model-specific properties
-(permutation invariance, GDAT grouping, Nyström attention) and linear memory in the bag size."""
+(permutation invariance, grid-GDAT grouping, Nyström attention) and linear memory in the bag size. The official
+GDAT's own properties (agents, attentions, parity with the authors' code) are in ``test_cdat.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathopeft.mil.models import (
     ABMIL,
     GDAT,
     MIL_MODELS,
+    GridGDAT,
     MILModel,
     MILOutput,
     TransMIL,
@@ -66,9 +68,10 @@ def check_output(out: MILOutput, n: int, hidden: int = H, classes: int = C) -> N
 
 
 def test_registry_lists_the_zoo() -> None:
-    assert set(MODELS) >= {"abmil", "transmil", "gdat"}
+    assert set(MODELS) >= {"abmil", "transmil", "gdat", "gdat-grid"}
     assert mil_model_class("ABMIL") is ABMIL
     assert mil_model_class("gdat") is GDAT
+    assert mil_model_class("gdat-grid") is GridGDAT
     assert mil_model_class("transmil") is TransMIL
 
 
@@ -212,8 +215,9 @@ def test_abmil_is_permutation_invariant() -> None:
     torch.testing.assert_close(b.attention, a.attention[perm], atol=1e-6, rtol=1e-5)
 
 
-def test_gdat_with_coords_is_invariant_to_permuting_instances_with_their_coords() -> None:
-    model = make("gdat").eval()
+def test_grid_gdat_with_coords_is_invariant_to_permuting_instances_with_their_coords() -> None:
+    """pathopeft's own grid variant; the official GDAT lays instances out in storage order (order-dependent)."""
+    model = make("gdat-grid").eval()
     x, coords = bag(300)
     perm = torch.randperm(300)
     with torch.no_grad():
@@ -223,15 +227,16 @@ def test_gdat_with_coords_is_invariant_to_permuting_instances_with_their_coords(
     torch.testing.assert_close(b.instance_features, a.instance_features[perm], atol=1e-5, rtol=1e-4)
 
 
-def test_gdat_checkpoint_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("name", ["gdat", "gdat-grid"])
+def test_gdat_checkpoint_gives_the_same_gradients(name: str) -> None:
     x, coords = bag(300)
     grads = []
     for ckpt in (False, True):
-        model = make("gdat", checkpoint=ckpt, dropout=0.0)
+        model = make(name, checkpoint=ckpt, dropout=0.0)
         model(x, coords).bag_logits.sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, msg=name)
+    for param, g in grads[0].items():
+        torch.testing.assert_close(grads[1][param], g, msg=param)
 
 
 # --- GDAT grouping ------------------------------------------------------------------------------------------------
@@ -351,8 +356,8 @@ def address_space_headroom(gib: float) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def test_gdat_at_20000_instances_is_fast_and_linear() -> None:
-    model = create_mil_model("gdat", in_dim=64, n_classes=2).eval()
+def test_grid_gdat_at_20000_instances_is_fast_and_linear() -> None:
+    model = create_mil_model("gdat-grid", in_dim=64, n_classes=2).eval()
     x, _ = bag(20000, d=64)
     with torch.no_grad(), MaxNumel() as probe:
         out = model(x)  # contiguous chunks; the 60000 test below groups by coords
@@ -360,13 +365,25 @@ def test_gdat_at_20000_instances_is_fast_and_linear() -> None:
     assert probe.max <= 8 * 64 * 20000  # heads × groups × N: the largest score tensor
 
 
-def test_gdat_at_60000_instances_never_builds_n_by_n() -> None:
-    """An N×N float tensor would need 14 GB (bool: 3.6 GB); the forward gets 2 GiB of address space."""
+def test_gdat_at_20000_instances_is_linear() -> None:
+    """Official GDAT (H = 512): the largest tensor is the MLP's N × 4H; no score tensor of heads × 256 agents ×
+    the 144² padded square (47 M) is kept (fused attention), and nothing N × N."""
     model = create_mil_model("gdat", in_dim=64, n_classes=2).eval()
+    x, _ = bag(20000, d=64)
+    with torch.no_grad(), MaxNumel() as probe:
+        out = model(x)
+    check_output(out, 20000, hidden=512, classes=2)
+    assert probe.max <= 4 * 512 * 20000
+
+
+@pytest.mark.parametrize(("name", "hidden"), [("gdat", 512), ("gdat-grid", 256)])
+def test_gdat_at_60000_instances_never_builds_n_by_n(name: str, hidden: int) -> None:
+    """An N×N float tensor would need 14 GB (bool: 3.6 GB); the forward gets 2 GiB of address space."""
+    model = create_mil_model(name, in_dim=64, n_classes=2).eval()
     x, coords = bag(60000, d=64)
     with torch.no_grad(), address_space_headroom(2.0):
         out = model(x, coords)
-    check_output(out, 60000, hidden=256, classes=2)
+    check_output(out, 60000, hidden=hidden, classes=2)
 
 
 def test_transmil_at_20000_instances_runs() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pathopeft.cli import build_parser
 from pathopeft.mil import continual
@@ -93,8 +94,8 @@ def test_a_new_strategy_is_one_registered_class(registry, manifest, tmp_path):
     registry.add("heads_only", HeadsOnly)
     state = run_continual(_cfg(manifest, tmp_path, strategy="heads_only", epochs=2))
     assert state["done"] == 2
-    before = torch.load(tmp_path / "heads_only-class" / "task_0" / "net.pt", weights_only=False).state_dict()
-    after = torch.load(tmp_path / "heads_only-class" / "task_1" / "net.pt", weights_only=False).state_dict()
+    before = load_file(tmp_path / "heads_only-class" / "task_0" / "net.safetensors")
+    after = load_file(tmp_path / "heads_only-class" / "task_1" / "net.safetensors")
     heads = [k for k in before if k.startswith(("instance_head", "mil.classifier"))]
     assert heads
     assert any(not torch.equal(before[k], after[k]) for k in heads)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from pathopeft.cli import main
 from pathopeft.mil import continual
@@ -310,10 +311,10 @@ def test_non_finite_task_is_not_marked_done_and_a_rerun_resumes(tmp_path, bags, 
     state = json.loads((root / "state.json").read_text())
     assert state["done"] == 1
     assert not (root / "task_1").exists()
-    first = (root / "task_0" / "net.pt").stat().st_mtime_ns
+    first = (root / "task_0" / "net.safetensors").stat().st_mtime_ns
     resumed = run_continual(cfg)
     assert resumed["done"] == 2
-    assert (root / "task_0" / "net.pt").stat().st_mtime_ns == first
+    assert (root / "task_0" / "net.safetensors").stat().st_mtime_ns == first
     assert resumed["R"][0] == state["R"][0]
 
 
@@ -322,12 +323,13 @@ def test_resume_refuses_a_non_finite_checkpoint(tmp_path, bags):
     cfg = _cfg(bags / "bags.csv", tmp_path / "out", strategy="finetune", epochs=1, heatmaps=0)
     with pytest.raises(InjectedCrash):
         run_continual(cfg, crash_after_task=0)
-    ckpt = tmp_path / "out" / "finetune-class" / "task_0" / "net.pt"
-    net = torch.load(ckpt, weights_only=False)
-    with torch.no_grad():
-        next(net.parameters()).fill_(float("nan"))
-    torch.save(net, ckpt)
+    ckpt = tmp_path / "out" / "finetune-class" / "task_0" / "net.safetensors"
+    sd = load_file(ckpt)
+    for v in sd.values():
+        if v.is_floating_point():
+            v.fill_(float("nan"))
+    save_file(sd, ckpt)
     with pytest.raises(
-        continual.NonFiniteTrainingError, match=r"task_0.net\.pt: parameter \S+ holds \d+ non-finite value"
+        continual.NonFiniteTrainingError, match=r"task_0.net\.safetensors: parameter \S+ holds \d+ non-finite value"
     ):
         run_continual(cfg)

@@ -4,7 +4,8 @@ Registered models (all :class:`~pathopeft.mil.models.base.MILModel`, all with ``
 
 * ``abmil`` — gated-attention ABMIL (Ilse et al. 2018), :mod:`.abmil`;
 * ``transmil`` — TransMIL with Nyström attention and PPEG (Shao et al. 2021), :mod:`.transmil`;
-* ``gdat`` — CoMEL's Grouped Double Attention Transformer (Lee et al. 2025), :mod:`.gdat`.
+* ``gdat`` — CoMEL's Grouped Double Attention Transformer (Lee et al. 2025), the official CDAT encoder, :mod:`.gdat`;
+* ``gdat-grid`` — pathopeft's own grid-grouped variant of it (not the paper's), :mod:`.gdat`.
 
 The names live in :data:`MIL_MODELS` (a :class:`pathopeft.registry.Registry`). A new model is one module
 whose class carries ``@register_mil_model("name")`` (from :mod:`.base`) plus its import line below; the test
@@ -19,7 +20,7 @@ from typing import Any
 from pathopeft.mil.models import abmil, gdat, transmil
 from pathopeft.mil.models.abmil import ABMIL
 from pathopeft.mil.models.base import MIL_MODELS, MILModel, MILOutput, check_bag, register_mil_model
-from pathopeft.mil.models.gdat import GDAT
+from pathopeft.mil.models.gdat import GDAT, GridGDAT
 from pathopeft.mil.models.transmil import TransMIL
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "ABMIL",
     "GDAT",
     "MIL_MODELS",
+    "GridGDAT",
     "MILModel",
     "MILOutput",
     "TransMIL",

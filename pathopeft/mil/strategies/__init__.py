@@ -15,7 +15,7 @@ CLI help, default comparison); ``tests/mil/test_continual.py`` runs every regist
 
 from __future__ import annotations
 
-from pathopeft.mil.strategies.base import STRATEGIES, BagSource, Strategy
+from pathopeft.mil.strategies.base import STRATEGIES, BagSource, Strategy, StrategyStateError
 
 # Registration happens on import; these lines' order is the registry's order.
 # isort: off
@@ -29,4 +29,16 @@ from pathopeft.mil.strategies import joint
 
 # isort: on
 
-__all__ = ["STRATEGIES", "BagSource", "Strategy", "comel", "ewc", "finetune", "joint", "lora", "owlora", "replay"]
+__all__ = [
+    "STRATEGIES",
+    "BagSource",
+    "Strategy",
+    "StrategyStateError",
+    "comel",
+    "ewc",
+    "finetune",
+    "joint",
+    "lora",
+    "owlora",
+    "replay",
+]

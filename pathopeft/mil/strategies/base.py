@@ -10,7 +10,10 @@ at each point where strategies differ, so it never tests a strategy's name:
 * :meth:`Strategy.train_classes` — the logits in the training softmax of step ``t``;
 * :meth:`Strategy.module_kwargs` — extra arguments of the training module (EWC's penalty);
 * :meth:`Strategy.tasks_seen` — the tasks evaluated after step ``t`` (its row of the accuracy matrix);
-* :meth:`Strategy.active_adapters` — the adapters switched on when evaluating task ``j``.
+* :meth:`Strategy.active_adapters` — the adapters switched on when evaluating task ``j``;
+* :meth:`Strategy.rebuild`, :meth:`Strategy.save_state`, :meth:`Strategy.load_state` — resuming: redo a
+  finished step's structure changes (no training), and the state a strategy carries to later steps
+  (EWC's penalty, replay's buffer), saved after every step and restored on resume.
 
 Capabilities declared at registration (``@STRATEGIES.register("x", bppl=True)``) are what callers may ask
 without running anything: the config's BPPL default, the CLI's default comparison, the test matrix.
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pathopeft.errors import UserError
 from pathopeft.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from pathopeft.mil.config import ContinualConfig
@@ -36,6 +41,10 @@ class BagSource(Protocol):
     def bags(self, task: str, split: str) -> list[BagRecord]: ...
 
     def loaded(self, records: list[BagRecord], limit: int | None = None) -> list[dict[str, Any]]: ...
+
+
+class StrategyStateError(UserError, ValueError):
+    """A strategy's saved state does not fit this run (a replayed bag no longer in the manifest)."""
 
 
 class Strategy:
@@ -79,6 +88,23 @@ class Strategy:
     def active_adapters(self, t_eval: int) -> list[int] | None:
         """Adapters switched on when evaluating task ``t_eval`` (None: all of them, or no adapters)."""
         return None
+
+    # --- resuming ------------------------------------------------------------------------------------------
+    def rebuild(self, net: nn.Module, t: int) -> nn.Module:
+        """On resume, redo finished step ``t``'s changes to the net's *structure* (adapters added, freezing)
+        without training: the runner calls it on the weights step ``t`` started from (after seeding as for
+        the step), then loads the step's saved state dict strictly. The default replays :meth:`before_task`;
+        a strategy whose ``before_task`` only fills state that :meth:`load_state` restores may skip it."""
+        return self.before_task(net, t)
+
+    def save_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What later steps need of this strategy, saved after every step: tensors (``task_<t>/strategy.
+        safetensors``) and JSON values (``state.json``); both empty for a stateless strategy."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Restore what :meth:`save_state` returned after the last finished step (on resume, after
+        :meth:`rebuild` of every finished step)."""
 
 
 #: Every continual strategy, by name; the capabilities an entry can declare, with their defaults.

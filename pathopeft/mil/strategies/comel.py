@@ -1,6 +1,7 @@
-"""``comel``: CoMEL (Lee et al., arXiv 2507.02395) — OWLoRA adapters per task plus BPPL's instance head.
+"""``comel``: CoMEL (Lee et al., arXiv 2507.02395) — OWLoRA adapters per task plus BPPL.
 
-Any registered MIL model (GDAT by default) with BPPL pseudo-labels training the instance classifier; task 1
+Any registered MIL model (GDAT by default) with BPPL pseudo-labels training its attention, from which tile
+scores are read (:mod:`pathopeft.mil.bppl`; ``bppl: {variant: legacy}`` trains a separate instance head); task 1
 trains the whole net, every later task adds an OWLoRA adapter (orthogonal to earlier adapters and to earlier
 tasks' input subspaces, per-task weight). Rehearsal-free.
 """
