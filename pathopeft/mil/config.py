@@ -34,7 +34,8 @@ class ContinualConfig:
     classes: list[str] = field(default_factory=lambda: ["benign", "aca", "scc"])
     tasks: list[str] = field(default_factory=lambda: ["aca", "scc"])
     task_class: dict[str, str] = field(default_factory=dict)  # task → its tumour class (default: same name)
-    benign: str = "benign"
+    benign: str = "benign"  # the normal class of every task not in ``task_normal``
+    task_normal: dict[str, str] = field(default_factory=dict)  # task → its own normal class (CoMEL's protocol)
     model: str = "gdat"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
@@ -66,6 +67,18 @@ class ContinualConfig:
         for t in self.tasks:
             if self.task_class.get(t, t) not in self.classes:
                 raise ValueError(f"task {t!r}: class {self.task_class.get(t, t)!r} is not in classes {self.classes}")
+            if self.task_normal.get(t, self.benign) not in self.classes:
+                raise ValueError(
+                    f"task {t!r}: normal class {self.task_normal.get(t, self.benign)!r} is not in classes {self.classes}"
+                )
+        unknown = sorted(set(self.task_normal) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_normal names task(s) {unknown} not in tasks {self.tasks}")
+        normals = set(self.normal_classes)
+        tumours = [self.task_cls(t) for t in range(len(self.tasks))]
+        both = sorted(self.classes[c] for c in set(tumours) & normals)
+        if both:
+            raise ValueError(f"class(es) {both} are a task's tumour class and a task's normal class at once")
 
     @property
     def bppl_on(self) -> bool:
@@ -78,19 +91,44 @@ class ContinualConfig:
         """Class index of task ``t``'s tumour class."""
         return self.cls(self.task_class.get(self.tasks[t], self.tasks[t]))
 
+    def normal_cls(self, t: int) -> int:
+        """Class index of task ``t``'s normal class (``benign`` unless ``task_normal`` gives the task its own)."""
+        return self.cls(self.task_normal.get(self.tasks[t], self.benign))
+
+    def task_classes(self, t: int) -> list[int]:
+        """Task ``t``'s classes: its normal class, then its tumour class."""
+        return [self.normal_cls(t), self.task_cls(t)]
+
+    @property
+    def normal_classes(self) -> list[int]:
+        """Every class that is some task's normal class (tiles and bags of these classes are not tumour)."""
+        return list(dict.fromkeys(self.normal_cls(t) for t in range(len(self.tasks))))
+
+    def normal_of(self) -> dict[int, int]:
+        """Each class of the run → the normal class of its task (a normal class maps to itself)."""
+        out = {}
+        for t in range(len(self.tasks)):
+            out.setdefault(self.task_cls(t), self.normal_cls(t))
+            out[self.normal_cls(t)] = self.normal_cls(t)
+        return out
+
+    def seen_classes(self, t: int) -> list[int]:
+        """Every class of tasks ``0..t``, in task order (the class-incremental label space after task ``t``)."""
+        return list(dict.fromkeys(c for s in range(t + 1) for c in self.task_classes(s)))
+
     def train_allowed(self, t: int) -> list[int]:
         """Classes in the training softmax of task ``t``. "current" keeps old classes' logits out of the loss,
         so learning a new class does not push the old ones down (the usual rehearsal-free CIL masking, as in
         L2P/DualPrompt); strategies that train on earlier classes widen it (``Strategy.train_classes``)."""
         if self.train_classes == "current" or self.setting == "task":
-            return [self.cls(self.benign), self.task_cls(t)]
+            return self.task_classes(t)
         return self.allowed(t)
 
     def allowed(self, t: int) -> list[int]:
         """Classes the model may predict while training task ``t`` (and when evaluating task ``t`` in TIL)."""
         if self.setting == "task":
-            return [self.cls(self.benign), self.task_cls(t)]
-        return [self.cls(self.benign)] + [self.task_cls(s) for s in range(t + 1)]
+            return self.task_classes(t)
+        return self.seen_classes(t)
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> ContinualConfig:

@@ -207,7 +207,7 @@ class ContinualRunner:
             self._set_adapters(net, j)
             correct, n, scores, labels = 0, 0, [], []
             for bag in self.data.loaded(self.data.bags(cfg.tasks[j], "test")):
-                pred = predict_bag(net, bag, allowed, cfg.cls(cfg.benign))
+                pred = predict_bag(net, bag, allowed, cfg.normal_classes)
                 correct += int(int(pred["probs"].argmax()) == bag["label"])
                 n += 1
                 if bag["instance_labels"] is not None:
@@ -226,7 +226,7 @@ class ContinualRunner:
         if self.cfg.bppl_on:
             legacy = BPPLConfig(**self.cfg.bppl).variant == "legacy"
             return pred["tile_scores"] if legacy else pred["attention_scores"]
-        p_tumour = 1.0 - pred["probs"][self.cfg.cls(self.cfg.benign)]
+        p_tumour = 1.0 - pred["probs"][self.cfg.normal_classes].sum()
         return p_tumour * pred["attention"] / pred["attention"].max().clamp_min(1e-12)
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -246,8 +246,8 @@ class ContinualRunner:
             net = strategy.before_task(net, t)
             tasks = strategy.train_tasks(t)
             module = ContinualMILModule(
-                net, strategy.train_classes(t), cfg.cls(cfg.benign), cfg.bppl_on, BPPLConfig(**cfg.bppl), cfg.lr,
-                cfg.weight_decay, **strategy.module_kwargs(t),
+                net, strategy.train_classes(t), cfg.normal_of(), cfg.bppl_on, BPPLConfig(**cfg.bppl), cfg.lr,
+                cfg.weight_decay, **strategy.module_kwargs(t), strategy=strategy, step=t,
             )  # fmt: skip
             dm = BagDataModule(self.records, cfg.classes, tasks, replay=strategy.replay_bags(t), seed=cfg.seed + t)
             trainer = pl.Trainer(
@@ -257,6 +257,7 @@ class ContinualRunner:
             )  # fmt: skip
             t0 = time.perf_counter()
             trainer.fit(module, dm)
+            net = strategy.after_task(net, t)
             state["train_time_s"] += time.perf_counter() - t0
             accs, aucs = self.evaluate(net, t)
             self._check_finite(t, tasks, trainer, net, accs)
@@ -389,10 +390,10 @@ class ContinualRunner:
             plotted = 0
             for rec in self.data.bags(task, "test"):
                 bag = load_bag(rec.path, rec.slide_id)
-                scores = self._tile_scores(predict_bag(net, bag, final or cfg.allowed(j), cfg.cls(cfg.benign)))
+                scores = self._tile_scores(predict_bag(net, bag, final or cfg.allowed(j), cfg.normal_classes))
                 labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
                 rows.append((rec.slide_id, bag["coords"].numpy(), scores.numpy(), labels))
-                if rec.label != cfg.benign and plotted < cfg.heatmaps:
+                if cfg.cls(rec.label) not in cfg.normal_classes and plotted < cfg.heatmaps:
                     plotted += 1
                     thumb, ds = _thumbnail(rec, bag)
                     plot_instance_heatmap(

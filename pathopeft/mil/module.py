@@ -15,8 +15,8 @@ strategies that change the *parameters* (OWLoRA adapters, freezing) do so in the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,9 @@ from pathopeft.mil.bppl import (
 )
 from pathopeft.mil.models import create_mil_model
 from pathopeft.mil.models.base import MILOutput
+
+if TYPE_CHECKING:
+    from pathopeft.mil.strategies.base import Strategy
 
 
 class MILNet(nn.Module):
@@ -68,22 +71,27 @@ class ContinualMILModule(pl.LightningModule):
         self,
         net: MILNet,
         allowed_classes: Sequence[int],
-        benign_class: int = 0,
+        benign_class: int | Mapping[int, int] = 0,
         use_bppl: bool = True,
         bppl: BPPLConfig | None = None,
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         ewc: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         ewc_lambda: float = 0.0,
+        strategy: Strategy | None = None,
+        step: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
         self.allowed = list(allowed_classes)
-        self.benign = benign_class
+        # each class → the normal class of its task (one int: that class is every task's normal class)
+        self.normal_of: Mapping[int, int] | None = None if isinstance(benign_class, int) else dict(benign_class)
+        self.benign = benign_class if isinstance(benign_class, int) else None
         self.use_bppl = use_bppl
         self.bppl = bppl or BPPLConfig()
         self.lr, self.weight_decay = lr, weight_decay
         self.ewc, self.ewc_lambda = ewc or {}, ewc_lambda
+        self.strategy, self.step = strategy, step  # the run's strategy: extra losses, gradient edits
         self._quality_sum, self._quality_n = 0.0, 0
 
     @property
@@ -95,6 +103,12 @@ class ContinualMILModule(pl.LightningModule):
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[MILOutput, torch.Tensor]:
         return self.net(x, coords)
 
+    def _normal(self, label: int) -> int:
+        """The normal class of the task of class ``label``."""
+        if self.normal_of is None:
+            return int(self.benign)
+        return self.normal_of.get(label, label)
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out, inst_logits = self.net(batch["features"], batch["coords"].float())
         label = torch.as_tensor(batch["label"], device=out.bag_logits.device)
@@ -104,18 +118,22 @@ class ContinualMILModule(pl.LightningModule):
             self._quality_sum += bag_quality(bag_logits, int(label))
             self._quality_n += 1
             if self.current_epoch >= self.bppl.warmup_epochs:
-                is_tumour = int(label) != self.benign
+                is_tumour = int(label) != self._normal(int(label))
                 inst, _ = comel_instance_loss(
                     out.attention, out.instance_features, bag_logits, int(label), is_tumour, self.tau2, self.bppl
                 )
                 losses["instance"] = self.bppl.weight * inst
         elif self.use_bppl and self.current_epoch >= self.bppl.warmup_epochs:
-            pl_labels = pseudo_labels(out.instance_features, out.attention, int(label), self.benign, self.bppl)
+            pl_labels = pseudo_labels(
+                out.instance_features, out.attention, int(label), self._normal(int(label)), self.bppl
+            )
             losses["instance"] = self.bppl.weight * instance_loss(masked(inst_logits, self.allowed), pl_labels)
         if self.ewc and self.ewc_lambda > 0:
             params = dict(self.net.named_parameters())
             pen = sum((fisher * (params[n] - star).pow(2)).sum() for n, (fisher, star) in self.ewc.items())
             losses["ewc"] = 0.5 * self.ewc_lambda * pen
+        if self.strategy is not None:
+            losses.update(self.strategy.extra_losses(self.net, batch, out, self.allowed, self.step))
         return losses
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -124,6 +142,10 @@ class ContinualMILModule(pl.LightningModule):
         for k, v in losses.items():
             self.log(f"train/{k}", v, batch_size=1, on_epoch=True, on_step=False)
         return total
+
+    def on_after_backward(self) -> None:
+        if self.strategy is not None:
+            self.strategy.after_backward(self.net, self.step)
 
     def on_train_epoch_start(self) -> None:
         self._quality_sum, self._quality_n = 0.0, 0
@@ -145,19 +167,22 @@ class ContinualMILModule(pl.LightningModule):
 
 
 @torch.no_grad()
-def predict_bag(net: MILNet, bag: dict[str, Any], allowed: Sequence[int], benign_class: int = 0) -> dict[str, Any]:
+def predict_bag(
+    net: MILNet, bag: dict[str, Any], allowed: Sequence[int], benign_class: int | Sequence[int] = 0
+) -> dict[str, Any]:
     """Bag probabilities over ``allowed`` classes, attention and per-tile tumour scores of one bag:
     ``attention_scores`` (CoMEL BPPL's min-max normalised attention) and ``tile_scores`` (the instance head,
-    BPPL's ``legacy`` variant)."""
+    BPPL's ``legacy`` variant: 1 − the probability of the normal classes, ``benign_class``)."""
     net.eval()
     out, inst = net(bag["features"], bag["coords"].float())
     probs = torch.softmax(masked(out.bag_logits, allowed).float(), dim=-1)
     inst_probs = torch.softmax(masked(inst, allowed).float(), dim=-1)
+    normals = [benign_class] if isinstance(benign_class, int) else list(benign_class)
     return {
         "probs": probs,
         "attention": out.attention.float(),
         "attention_scores": attention_scores(out.attention.float()),
-        "tile_scores": 1.0 - inst_probs[:, benign_class],
+        "tile_scores": 1.0 - inst_probs[:, normals].sum(-1),
     }
 
 

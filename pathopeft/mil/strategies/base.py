@@ -9,6 +9,12 @@ at each point where strategies differ, so it never tests a strategy's name:
 * :meth:`Strategy.train_tasks`, :meth:`Strategy.replay_bags` — the training bags of step ``t``;
 * :meth:`Strategy.train_classes` — the logits in the training softmax of step ``t``;
 * :meth:`Strategy.module_kwargs` — extra arguments of the training module (EWC's penalty);
+* :meth:`Strategy.extra_losses` — loss terms added to every training step (distillation, a penalty on the
+  adapter's factors, a loss on replayed bags);
+* :meth:`Strategy.after_backward` — change the gradients after ``backward`` and before the optimizer step
+  (gradient projection: OWLoRA, A-GEM);
+* :meth:`Strategy.after_task` — after step ``t`` trained and before it is evaluated and saved (record logits,
+  snapshot a teacher, estimate a subspace);
 * :meth:`Strategy.tasks_seen` — the tasks evaluated after step ``t`` (its row of the accuracy matrix);
 * :meth:`Strategy.active_adapters` — the adapters switched on when evaluating task ``j``;
 * :meth:`Strategy.rebuild`, :meth:`Strategy.save_state`, :meth:`Strategy.load_state` — resuming: redo a
@@ -80,6 +86,23 @@ class Strategy:
     def module_kwargs(self, t: int) -> dict[str, Any]:
         """Extra keyword arguments of :class:`pathopeft.mil.module.ContinualMILModule` at step ``t``."""
         return {}
+
+    def extra_losses(
+        self, net: nn.Module, batch: dict[str, Any], out: Any, allowed: list[int], t: int
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms (by name, logged as ``train/<name>``) added to step ``t``'s loss for one training bag;
+        ``out`` is the net's :class:`~pathopeft.mil.models.base.MILOutput` on ``batch``, ``allowed`` the
+        classes of the training softmax."""
+        return {}
+
+    def after_backward(self, net: nn.Module, t: int) -> None:
+        """Called after every ``backward`` of step ``t``, before the optimizer step: may edit ``.grad``."""
+
+    def after_task(self, net: nn.Module, t: int) -> nn.Module:
+        """The net after step ``t`` trained, before it is evaluated and saved. Changes to the net land in the
+        saved state dict; state kept for later steps must go through :meth:`save_state`. On resume it is not
+        called again (its effects are in what was saved)."""
+        return net
 
     def tasks_seen(self, t: int) -> list[int]:
         """Task indices evaluated after step ``t``; the last one is the row of ``R`` the evaluation fills."""

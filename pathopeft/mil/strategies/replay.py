@@ -42,8 +42,7 @@ class Replay(Strategy):
         return list(self.buffer)
 
     def train_classes(self, t: int) -> list[int]:
-        seen = [self.cfg.cls(self.cfg.benign)] + [self.cfg.task_cls(s) for s in range(t + 1)]
-        return list(dict.fromkeys(seen))
+        return self.cfg.seen_classes(t)
 
     def rebuild(self, net: nn.Module, t: int) -> nn.Module:
         return net  # no structure change; the buffer comes back through load_state
