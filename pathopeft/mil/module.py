@@ -148,6 +148,9 @@ class ContinualMILModule(pl.LightningModule):
             self.strategy.after_backward(self.net, self.step)
 
     def on_train_epoch_start(self) -> None:
+        # Lightning keeps the mode a module arrives in; evaluation between tasks leaves the net in eval mode,
+        # and training a later task with dropout off (and differently from a resumed run) was a bug
+        self.net.train()
         self._quality_sum, self._quality_n = 0.0, 0
 
     def on_train_epoch_end(self) -> None:

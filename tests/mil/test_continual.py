@@ -242,6 +242,7 @@ def test_a_resumed_run_gives_the_results_of_an_uninterrupted_one(three_tasks, tm
     the net is rebuilt from state dicts and the strategy's state (EWC's penalty, replay's buffer) restored."""
     classes = {"classes": ["benign", "aca", "scc", "ade"], "tasks": ["aca", "scc", "ade"]}
     kw = {"epochs": 1, "heatmaps": 0, "collect_bags": 3, "replay_per_task": 2, "strategy": strategy, **classes}
+    kw["model_kwargs"] = {**TINY, "dropout": 0.1, "trans_dropout": 0.1}  # RNG-dependent training, as configs are
     whole = run_continual(_cfg(three_tasks, tmp_path / "whole", **kw))
     cfg = _cfg(three_tasks, tmp_path / "resumed", **kw)
     crash_after = min(1, whole["done"] - 1)
@@ -264,6 +265,24 @@ def test_a_resumed_run_gives_the_results_of_an_uninterrupted_one(three_tasks, tm
         assert (b / "task_1" / "strategy.safetensors").is_file()
     if strategy == "replay":
         assert len(resumed["strategy_state"]["buffer"]) == 2 * 2  # two earlier tasks' bags
+
+
+def test_every_task_trains_in_training_mode(manifest, tmp_path, monkeypatch):
+    """Evaluation between tasks puts the net in eval mode and Lightning keeps a module's mode: later tasks
+    must still train with dropout on (they once did not, and a resumed run then differed)."""
+    from pathopeft.mil.module import ContinualMILModule
+
+    modes = []
+    step = ContinualMILModule.training_step
+
+    def spy(self, batch, batch_idx):
+        modes.append(self.net.training and all(m.training for m in self.net.modules()))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ContinualMILModule, "training_step", spy)
+    run_continual(_cfg(manifest, tmp_path, epochs=1, heatmaps=0, strategy="finetune"))
+    assert modes
+    assert all(modes)
 
 
 def test_no_pickle_in_the_runner(manifest, tmp_path):
