@@ -59,7 +59,7 @@ from pathopeft.mil.data import (
     read_bag_manifest,
     validate_bags,
 )
-from pathopeft.mil.metrics import instance_metrics
+from pathopeft.mil.metrics import bag_auc, localization_metrics
 from pathopeft.mil.module import ContinualMILModule, MILNet, predict_bag
 from pathopeft.mil.plots import plot_instance_heatmap
 from pathopeft.mil.report import ContinualReport
@@ -186,7 +186,10 @@ class ContinualRunner:
             if state.get("config") != asdict(self.cfg):
                 raise ContinualError(f"{self.state_path}: written by a different configuration; use another out_dir")
             return state
-        return {"config": asdict(self.cfg), "done": 0, "R": [], "I": [], "train_time_s": 0.0, "peak_rss_mib": 0.0}
+        return {
+            "config": asdict(self.cfg), "done": 0, "R": [], "I": [], "IA": [], "B": [], "train_time_s": 0.0,
+            "peak_rss_mib": 0.0,
+        }  # fmt: skip
 
     def _save_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_path, json.dumps(state, indent=2, default=float) + "\n")
@@ -197,26 +200,35 @@ class ContinualRunner:
             set_active_tasks(net, None if t_eval is None else self.strategy.active_adapters(t_eval))
 
     # --- evaluation ------------------------------------------------------------------------------------
-    def evaluate(self, net: torch.nn.Module, t_trained: int) -> tuple[list[float], list[float]]:
-        """Bag accuracy and instance AUC on every task the strategy has seen after step ``t_trained``."""
+    def evaluate(self, net: torch.nn.Module, t_trained: int) -> dict[str, list[float]]:
+        """On every task the strategy has seen after step ``t_trained``: bag accuracy (``R``), tile AUC
+        (``I``), tile accuracy at the Youden threshold (``IA``, CoMEL's localization accuracy; tiles pooled
+        over the task's test bags as the official evaluation does) and the AUC of the bag tumour probability
+        (``B``). Tile metrics are NaN where bags carry no tile labels."""
         cfg = self.cfg
-        accs, aucs = [], []
+        out: dict[str, list[float]] = {"R": [], "I": [], "IA": [], "B": []}
         seen = self.strategy.tasks_seen(t_trained)
+        normals = cfg.normal_classes
         for j in seen:
             allowed = cfg.allowed(j) if cfg.setting == "task" else cfg.allowed(seen[-1])
             self._set_adapters(net, j)
-            correct, n, scores, labels = 0, 0, [], []
+            correct, n, scores, labels, p_tumour, is_tumour = 0, 0, [], [], [], []
             for bag in self.data.loaded(self.data.bags(cfg.tasks[j], "test")):
-                pred = predict_bag(net, bag, allowed, cfg.normal_classes)
+                pred = predict_bag(net, bag, allowed, normals)
                 correct += int(int(pred["probs"].argmax()) == bag["label"])
                 n += 1
+                p_tumour.append(float(1.0 - pred["probs"][normals].sum()))
+                is_tumour.append(int(bag["label"] not in normals))
                 if bag["instance_labels"] is not None:
                     scores.append(self._tile_scores(pred))
                     labels.append(bag["instance_labels"])
             self._set_adapters(net, None)
-            accs.append(correct / max(n, 1))
-            aucs.append(instance_metrics(torch.cat(scores), torch.cat(labels))["auc"] if scores else float("nan"))
-        return accs, aucs
+            out["R"].append(correct / max(n, 1))
+            loc = localization_metrics(torch.cat(scores), torch.cat(labels)) if scores else {}
+            out["I"].append(loc.get("auc", float("nan")))
+            out["IA"].append(loc.get("accuracy", float("nan")))
+            out["B"].append(bag_auc(torch.tensor(p_tumour), torch.tensor(is_tumour)))
+        return out
 
     def _tile_scores(self, pred: dict[str, Any]) -> torch.Tensor:
         """Per-tile tumour scores: with BPPL, what it trained (CoMEL: the min-max normalised attention;
@@ -259,10 +271,10 @@ class ContinualRunner:
             trainer.fit(module, dm)
             net = strategy.after_task(net, t)
             state["train_time_s"] += time.perf_counter() - t0
-            accs, aucs = self.evaluate(net, t)
-            self._check_finite(t, tasks, trainer, net, accs)
-            state["R"].append(accs)
-            state["I"].append(aucs)
+            scores = self.evaluate(net, t)
+            self._check_finite(t, tasks, trainer, net, scores["R"])
+            for key, row in scores.items():
+                state.setdefault(key, []).append(row)
             state["peak_rss_mib"] = max(
                 state["peak_rss_mib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             )
@@ -277,7 +289,7 @@ class ContinualRunner:
                 adapters.save(net, task_dir / "adapters")
             state["done"] = t + 1
             self._save_state(state)
-            log.info("task %d (%s) done: accuracies %s", t, tasks, [round(a, 3) for a in accs])
+            log.info("task %d (%s) done: accuracies %s", t, tasks, [round(a, 3) for a in scores["R"]])
             if crash_after_task == t:
                 raise InjectedCrash(f"injected crash after task {t}")
         self._report(net, state)
@@ -365,12 +377,17 @@ class ContinualRunner:
             m[self.strategy.tasks_seen(i)[-1], : len(row)] = row
         return m
 
+    def extra_matrices(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The tile AUC, tile accuracy and bag AUC matrices of a run's state, as report keyword arguments."""
+        keys = {"instance_auc": "I", "instance_acc": "IA", "bag_auc": "B"}
+        return {name: self._matrix(state[k]) for name, k in keys.items() if len(state.get(k, [])) == len(state["R"])}
+
     def _report(self, net: torch.nn.Module, state: dict[str, Any]) -> None:
         cfg = self.cfg
         report = ContinualReport(task_names=list(cfg.tasks))
         report.add(
-            cfg.strategy, self._matrix(state["R"]), instance_auc=self._matrix(state["I"]),
-            train_time_s=state["train_time_s"], peak_memory_mib=state["peak_rss_mib"],
+            cfg.strategy, self._matrix(state["R"]), **self.extra_matrices(state), train_time_s=state["train_time_s"],
+            peak_memory_mib=state["peak_rss_mib"],
         )  # fmt: skip
         report.to_csv(self.root / "results.csv")
         atomic_write_text(self.root / "results.md", report.to_markdown() + "\n")
@@ -440,7 +457,7 @@ def compare(cfg: ContinualConfig, strategies: list[str], out: str | os.PathLike[
         runner = ContinualRunner(dataclasses.replace(cfg, strategy=strategy), bags)
         state = runner.run()
         report.add(
-            runner.cfg.strategy, runner._matrix(state["R"]), instance_auc=runner._matrix(state["I"]),
+            runner.cfg.strategy, runner._matrix(state["R"]), **runner.extra_matrices(state),
             train_time_s=state["train_time_s"], peak_memory_mib=state["peak_rss_mib"],
         )  # fmt: skip
     root = Path(out or cfg.out_dir)

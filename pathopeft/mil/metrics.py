@@ -38,11 +38,14 @@ __all__ = [
     "average_accuracy",
     "average_incremental_accuracy",
     "backward_transfer",
+    "bag_auc",
     "bag_metrics",
     "check_r",
     "forgetting",
     "forward_transfer",
     "instance_metrics",
+    "localization_metrics",
+    "youden_threshold",
 ]
 
 NAN = math.nan
@@ -225,3 +228,42 @@ def forward_transfer(r: np.ndarray, baseline: np.ndarray | Sequence[float]) -> f
     if t < 2:
         return NAN
     return float(np.mean([r[j - 1, j] - b[j] for j in range(1, t)]))
+
+
+def youden_threshold(scores: Tensor, labels: Tensor) -> float:
+    """The score threshold maximising TPR − FPR (Youden's J) over the ROC of ``scores`` against 0/1 ``labels``.
+
+    Why: CoMEL's official evaluation (``continual/utils.py``, ``five_scores_and_seg_scores`` with
+    ``optimal_thresh``) reports tile accuracy at this threshold, chosen on the evaluated tiles themselves; it
+    is optimistic, but it is how the paper's localization accuracy is measured. NaN with one class only.
+    """
+    scores = torch.as_tensor(scores).detach().cpu().double().reshape(-1)
+    labels = torch.as_tensor(labels).detach().cpu().reshape(-1).long()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return NAN
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, y = scores[order], labels[order]
+    tpr = torch.cumsum(y, 0).double() / n_pos
+    fpr = torch.cumsum(1 - y, 0).double() / n_neg
+    last = torch.ones_like(s, dtype=torch.bool)  # only the last of tied scores is a reachable cut
+    last[:-1] = s[1:] != s[:-1]
+    j = torch.where(last, tpr - fpr, torch.full_like(tpr, -math.inf))
+    return float(s[int(torch.argmax(j))])
+
+
+def localization_metrics(scores: Tensor, labels: Tensor) -> dict[str, float]:
+    """Tile AUC and tile accuracy at the Youden threshold (as CoMEL measures localization); NaN if undefined."""
+    thr = youden_threshold(scores, labels)
+    out = instance_metrics(scores, labels, threshold=thr if math.isfinite(thr) else 0.5)
+    return {"auc": out["auc"], "accuracy": out["accuracy"] if math.isfinite(thr) else NAN, "threshold": thr}
+
+
+def bag_auc(tumour_prob: Tensor, is_tumour: Tensor) -> float:
+    """AUC of bag tumour probabilities against bag tumour status (NaN with one class only)."""
+    p = torch.as_tensor(tumour_prob).detach().cpu().float().reshape(-1)
+    y = torch.as_tensor(is_tumour).detach().cpu().reshape(-1).long()
+    if p.numel() == 0 or int(y.sum()) in (0, y.numel()):
+        return NAN
+    return _as_float(binary_auroc(p, y))

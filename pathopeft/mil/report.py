@@ -51,9 +51,15 @@ _SUMMARY_KEYS = (
     "forgetting",
     "bwt",
     "final_instance_auc",
+    "final_instance_acc",
+    "final_bag_auc",
     "train_time_s",
     "peak_memory_mib",
 )
+
+
+#: The matrices a result carries (R first), as CSV columns.
+_MATRICES = ("acc_matrix", "instance_auc", "instance_acc", "bag_auc")
 
 
 def _to_jsonable(m: np.ndarray | None) -> str:
@@ -79,15 +85,18 @@ class MethodResult:
     instance_auc: np.ndarray | None = None  # (T, T) like R; NaN where a task has no tile labels
     train_time_s: float = NAN
     peak_memory_mib: float = NAN
+    instance_acc: np.ndarray | None = None  # (T, T): tile accuracy at the Youden threshold (CoMEL's measure)
+    bag_auc: np.ndarray | None = None  # (T, T): AUC of the bag tumour probability
 
     def __post_init__(self) -> None:
         self.acc_matrix = check_r(self.acc_matrix)
-        if self.instance_auc is not None:
-            self.instance_auc = np.asarray(self.instance_auc, dtype=np.float64)
-            if self.instance_auc.shape != self.acc_matrix.shape:
-                raise ValueError(
-                    f"instance_auc shape {self.instance_auc.shape} differs from R shape {self.acc_matrix.shape}"
-                )
+        for name in _MATRICES[1:]:
+            m = getattr(self, name)
+            if m is not None:
+                m = np.asarray(m, dtype=np.float64)
+                if m.shape != self.acc_matrix.shape:
+                    raise ValueError(f"{name} shape {m.shape} differs from R shape {self.acc_matrix.shape}")
+                setattr(self, name, m)
         self.train_time_s = float(self.train_time_s)
         self.peak_memory_mib = float(self.peak_memory_mib)
 
@@ -105,6 +114,8 @@ class MethodResult:
             "forgetting": forgetting(r),
             "bwt": backward_transfer(r),
             "final_instance_auc": _final_mean(self.instance_auc),
+            "final_instance_acc": _final_mean(self.instance_acc),
+            "final_bag_auc": _final_mean(self.bag_auc),
             "train_time_s": self.train_time_s,
             "peak_memory_mib": self.peak_memory_mib,
         }
@@ -134,9 +145,11 @@ class ContinualReport:
         instance_auc: np.ndarray | None = None,
         train_time_s: float = NAN,
         peak_memory_mib: float = NAN,
+        instance_acc: np.ndarray | None = None,
+        bag_auc: np.ndarray | None = None,
     ) -> MethodResult:
         """Add one method's results; every method must be evaluated on the same tasks to be comparable."""
-        res = MethodResult(method, acc_matrix, instance_auc, train_time_s, peak_memory_mib)
+        res = MethodResult(method, acc_matrix, instance_auc, train_time_s, peak_memory_mib, instance_acc, bag_auc)
         if any(r.method == method for r in self.results):
             raise ValueError(f"method {method!r} is already in the report")
         t = self.results[0].n_tasks if self.results else len(self.task_names or []) or res.n_tasks
@@ -168,11 +181,11 @@ class ContinualReport:
         """One row per method: the summary numbers (full precision) plus the matrices and task names as JSON."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["method", *_SUMMARY_KEYS, "task_names", "acc_matrix", "instance_auc"])
+        w.writerow(["method", *_SUMMARY_KEYS, "task_names", *_MATRICES])
         for r in self.results:
             s = r.summary()
             names = json.dumps(self.task_names) if self.task_names is not None else ""
-            matrices = [_to_jsonable(r.acc_matrix), _to_jsonable(r.instance_auc)]
+            matrices = [_to_jsonable(getattr(r, m)) for m in _MATRICES]
             w.writerow([r.method, *(repr(s[k]) for k in _SUMMARY_KEYS), names, *matrices])
         atomic_write_text(path, buf.getvalue())
         return Path(path)
@@ -194,14 +207,16 @@ class ContinualReport:
                 instance_auc=_from_jsonable(row["instance_auc"]),
                 train_time_s=float(row["train_time_s"]),
                 peak_memory_mib=float(row["peak_memory_mib"]),
+                instance_acc=_from_jsonable(row.get("instance_acc") or ""),  # absent in older reports
+                bag_auc=_from_jsonable(row.get("bag_auc") or ""),
             )
         return rep
 
     def to_markdown(self) -> str:
         """The comparison table in GitHub Markdown, one row per method."""
         head = (
-            "| method | avg acc | forgetting | BWT | final instance AUC | time | memory |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n"
+            "| method | avg acc | forgetting | BWT | bag AUC | tile AUC | tile acc | time | memory |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         )
         lines = []
         for row in self.summary():
@@ -210,7 +225,9 @@ class ContinualReport:
                 _fmt(row["avg_acc"], ".3f"),
                 _fmt(row["forgetting"], ".3f"),
                 _fmt(row["bwt"], "+.3f"),
+                _fmt(row["final_bag_auc"], ".3f"),
                 _fmt(row["final_instance_auc"], ".3f"),
+                _fmt(row["final_instance_acc"], ".3f"),
                 _fmt(row["train_time_s"], ".1f", " s"),
                 _fmt(row["peak_memory_mib"], ".0f", " MiB"),
             ]

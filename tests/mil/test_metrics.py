@@ -163,7 +163,9 @@ def test_instance_threshold_is_not_a_sigmoid_of_raw_scores() -> None:
 def _report() -> ContinualReport:
     rep = ContinualReport(task_names=["BRCA", "NSCLC", "RCC"])
     inst = np.array([[0.8, NAN, NAN], [0.7, 0.75, NAN], [0.65, NAN, 0.9]])
-    rep.add("CoMEL", R3, instance_auc=inst, train_time_s=123.45, peak_memory_mib=2048.4)
+    bag = np.array([[0.91, NAN, NAN], [0.8, 0.9, NAN], [0.7, 0.6, 0.95]])
+    rep.add("CoMEL", R3, instance_auc=inst, train_time_s=123.45, peak_memory_mib=2048.4, bag_auc=bag,
+            instance_acc=inst - 0.1)  # fmt: skip
     rep.add("finetune", np.array([[0.9, NAN, NAN], [0.3, 0.9, NAN], [0.2, 0.25, 0.95]]), train_time_s=60.0)
     return rep
 
@@ -171,11 +173,14 @@ def _report() -> ContinualReport:
 def test_markdown_table_has_methods_and_formatted_numbers() -> None:
     md = _report().to_markdown()
     lines = md.strip().splitlines()
-    assert lines[0].startswith("| method | avg acc | forgetting | BWT | final instance AUC | time | memory |")
+    assert lines[0].startswith(
+        "| method | avg acc | forgetting | BWT | bag AUC | tile AUC | tile acc | time | memory |"
+    )
     assert len(lines) == 4
     comel = next(line for line in lines if line.startswith("| CoMEL |"))
     # avg 0.75, forgetting 0.15, BWT -0.05, final instance AUC mean(0.65, 0.9) = 0.775 (NaN task skipped)
-    for cell in ("0.750", "0.150", "-0.050", "0.775", "123.5 s", "2048 MiB"):
+    # final bag AUC mean(0.7, 0.6, 0.95) = 0.750, tile acc 0.775 − 0.1
+    for cell in ("| 0.750 | 0.150 | -0.050 | 0.750 | 0.775 | 0.675 | 123.5 s | 2048 MiB |",):
         assert cell in comel, (cell, comel)
     ft = next(line for line in lines if line.startswith("| finetune |"))
     assert "n/a" in ft  # no instance AUC, no memory
@@ -194,9 +199,10 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     for a, b in zip(rep.results, back.results, strict=True):
         assert a.method == b.method
         np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)  # NaN positions included
-        assert (a.instance_auc is None) == (b.instance_auc is None)
-        if a.instance_auc is not None:
-            np.testing.assert_array_equal(a.instance_auc, b.instance_auc)
+        for m in ("instance_auc", "instance_acc", "bag_auc"):
+            assert (getattr(a, m) is None) == (getattr(b, m) is None)
+            if getattr(a, m) is not None:
+                np.testing.assert_array_equal(getattr(a, m), getattr(b, m))
         assert a.train_time_s == b.train_time_s
         assert (
             math.isnan(a.peak_memory_mib) and math.isnan(b.peak_memory_mib)
@@ -292,3 +298,23 @@ def test_instance_heatmap_handles_no_tiles(tmp_path: Path) -> None:
     _png_size(plot_instance_heatmap(np.zeros((0, 2)), np.zeros(0), 256.0, tmp_path / "e2.png", thumb, 16.0))
     with pytest.raises(ValueError, match="scores"):
         plot_instance_heatmap(np.zeros((3, 2)), np.zeros(2), 256.0, tmp_path / "bad.png")
+
+
+def test_youden_threshold_and_localization_accuracy():
+    from pathopeft.mil.metrics import bag_auc, localization_metrics, youden_threshold
+
+    # scores 0.1 0.4 0.35 0.8, labels 0 0 1 1: cut at 0.35 gives TPR 1, FPR 0.5 (J 0.5); at 0.8 TPR 0.5, FPR 0
+    # (J 0.5) — the first maximum in descending order is 0.8; at 0.4 TPR 0.5, FPR 0.5 (J 0)
+    s, y = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])
+    assert youden_threshold(s, y) == pytest.approx(0.8)
+    loc = localization_metrics(s, y)
+    assert loc["accuracy"] == pytest.approx(0.75)  # only the 0.8 tile called tumour
+    assert loc["auc"] == pytest.approx(0.75)
+    # a perfect separation: the threshold is the lowest positive score and accuracy is 1
+    s2, y2 = torch.tensor([0.2, 0.3, 0.6, 0.9]), torch.tensor([0, 0, 1, 1])
+    assert youden_threshold(s2, y2) == pytest.approx(0.6)
+    assert localization_metrics(s2, y2)["accuracy"] == 1.0
+    assert math.isnan(youden_threshold(s2, torch.ones(4)))
+    assert math.isnan(localization_metrics(s2, torch.ones(4))["accuracy"])
+    assert bag_auc(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0])) == pytest.approx(1.0)
+    assert math.isnan(bag_auc(torch.tensor([0.9, 0.2]), torch.tensor([1, 1])))
