@@ -41,7 +41,7 @@ import torch
 from pathopeft.memory import peak_mib, start_peak
 from pathopeft.mil.models import create_mil_model
 
-MODELS = ("abmil", "transmil", "gdat")
+MODELS = ("abmil", "transmil", "gdat", "gdat-grid")  # gdat = the official CDAT; gdat-grid = pathopeft's own
 
 
 def _sync(device: str) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from pathopeft.mil.metrics import (
 )
 from pathopeft.mil.plots import plot_accuracy_matrix
 
-__all__ = ["ContinualReport", "MethodResult"]
+__all__ = ["ContinualReport", "MethodResult", "seeds_markdown", "seeds_summary"]
 
 NAN = math.nan
 PathLike = str | os.PathLike[str]
@@ -247,3 +248,51 @@ class ContinualReport:
             raise ValueError(f"{method!r} has no {which} matrix")
         title = f"{method}: {'accuracy' if which == 'accuracy' else 'instance AUC'}"
         return plot_accuracy_matrix(m, self.names(res.n_tasks), path, title=title, dpi=dpi)
+
+
+#: The columns of the multi-seed table: (summary key, header, format).
+_SEED_COLUMNS = (
+    ("avg_acc", "avg acc", ".3f"),
+    ("forgetting", "forgetting", ".3f"),
+    ("bwt", "BWT", "+.3f"),
+    ("final_bag_auc", "bag AUC", ".3f"),
+    ("final_instance_auc", "tile AUC", ".3f"),
+    ("final_instance_acc", "tile acc", ".3f"),
+    ("train_time_s", "time s", ".1f"),
+    ("peak_memory_mib", "memory MiB", ".0f"),
+)
+
+
+def seeds_summary(reports: Sequence[ContinualReport]) -> list[dict[str, Any]]:
+    """Per method (in first-seen order), the mean and sample std over ``reports`` (one per seed) of every
+    summary number: ``{"method", "n", "<key>": mean, "<key>_std": std}``; NaN-only columns stay NaN."""
+    by_method: dict[str, list[dict[str, float]]] = {}
+    for rep in reports:
+        for row in rep.summary():
+            by_method.setdefault(str(row["method"]), []).append(row)
+    out = []
+    for method, rows in by_method.items():
+        entry: dict[str, Any] = {"method": method, "n": len(rows)}
+        for key in _SUMMARY_KEYS:
+            v = np.array([r[key] for r in rows], dtype=np.float64)
+            v = v[np.isfinite(v)]
+            entry[key] = float(v.mean()) if v.size else NAN
+            entry[f"{key}_std"] = float(v.std(ddof=1)) if v.size > 1 else NAN
+        out.append(entry)
+    return out
+
+
+def seeds_markdown(reports: Sequence[ContinualReport]) -> str:
+    """The comparison over seeds as a Markdown table: ``mean ± std`` per cell (std over seeds, ddof 1)."""
+    head = "| method | seeds | " + " | ".join(h for _, h, _ in _SEED_COLUMNS) + " |\n"
+    head += "|---|---:|" + "---:|" * len(_SEED_COLUMNS) + "\n"
+    lines = []
+    for row in seeds_summary(reports):
+        cells = []
+        for key, _, spec in _SEED_COLUMNS:
+            mean, std = row[key], row[f"{key}_std"]
+            cells.append(_fmt(mean, spec) + ("" if not math.isfinite(std) else f" ± {std:{spec.lstrip('+')}}"))
+        lines.append(
+            f"| {str(row['method']).replace('|', chr(92) + '|')} | {row['n']} | " + " | ".join(cells) + " |\n"
+        )
+    return head + "".join(lines)

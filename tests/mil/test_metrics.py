@@ -318,3 +318,21 @@ def test_youden_threshold_and_localization_accuracy():
     assert math.isnan(localization_metrics(s2, torch.ones(4))["accuracy"])
     assert bag_auc(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0])) == pytest.approx(1.0)
     assert math.isnan(bag_auc(torch.tensor([0.9, 0.2]), torch.tensor([1, 1])))
+
+
+def test_seeds_table_is_mean_and_std_over_reports():
+    from pathopeft.mil.report import seeds_markdown, seeds_summary
+
+    reps = []
+    for a in (0.6, 0.8):
+        rep = ContinualReport(task_names=["A", "B"])
+        rep.add("m", np.array([[a, NAN], [a, a]]), train_time_s=10 * a)
+        reps.append(rep)
+    (row,) = seeds_summary(reps)
+    assert row["n"] == 2
+    assert row["avg_acc"] == pytest.approx(0.7)
+    assert row["avg_acc_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert math.isnan(row["final_bag_auc"])
+    md = seeds_markdown(reps)
+    assert "| m | 2 | 0.700 ± 0.141 |" in md
+    assert "n/a" in md  # no bag AUC measured
