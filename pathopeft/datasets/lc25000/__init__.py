@@ -34,7 +34,9 @@ from pathopeft.datasets.lc25000.bags import (
     HARD_WITNESS_RANGE,
     Bag,
     BagSpec,
+    TaskPools,
     grow_blob,
+    lc25000_tasks,
     make_bags,
 )
 from pathopeft.datasets.lc25000.baseline import colour_centroid_baseline
@@ -65,11 +67,13 @@ __all__ = [
     "TILE_PX",
     "Bag",
     "BagSpec",
+    "TaskPools",
     "TileRecord",
     "build_bags",
     "colour_centroid_baseline",
     "colour_features",
     "grow_blob",
+    "lc25000_tasks",
     "load_tile_table",
     "make_bags",
     "parse_feature_kind",

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -14,6 +14,18 @@ from pathopeft.datasets.lc25000.tiles import SPLITS, TASKS, TILE_PX, TileRecord
 
 DEFAULT_WITNESS_RANGE = (0.05, 0.30)
 HARD_WITNESS_RANGE = (0.01, 0.05)
+
+
+class TaskPools(NamedTuple):
+    """One task of a bag stream: its name and the tile labels of its normal and tumour pools.
+
+    Why: CoMEL's protocol gives each task its own normal class (e.g. lung parenchyma vs oral mucosa), so
+    the normal pool is per task, not one shared ``benign``.
+    """
+
+    task: str
+    normal: str
+    tumour: str
 
 
 @dataclass(frozen=True)
@@ -137,31 +149,43 @@ def _draw(pool: Sequence[TileRecord], n: int, rng: np.random.Generator) -> list[
     return [pool[i] for i in idx]
 
 
-def make_bags(splits: Mapping[str, Sequence[TileRecord]], spec: BagSpec, seed: int = 0) -> list[Bag]:
+def lc25000_tasks() -> tuple[TaskPools, ...]:
+    """LC25000's sequence: each tumour class against the shared ``benign`` pool."""
+    return tuple(TaskPools(t, "benign", t) for t in TASKS)
+
+
+def make_bags(
+    splits: Mapping[str, Sequence[TileRecord]],
+    spec: BagSpec,
+    seed: int = 0,
+    tasks: Sequence[TaskPools] | None = None,
+) -> list[Bag]:
     """All bags of the task sequence, in (task, split, label, index) order.
 
-    Every bag has its own RNG keyed on (seed, task, split, label, index), so changing the number of bags
-    only adds or removes bags at the end of each cell and never alters the others.
+    ``tasks``: the (task, normal pool, tumour pool) sequence, by default LC25000's (:func:`lc25000_tasks`);
+    a negative bag is labelled with its task's normal label, a positive one with its tumour label. Every bag
+    has its own RNG keyed on (seed, task, split, label, index), so changing the number of bags only adds or
+    removes bags at the end of each cell and never alters the others.
     """
     lo, hi = spec.witness_counts()
     n = spec.n_instances
     bags: list[Bag] = []
-    for ti, task in enumerate(TASKS):
+    for ti, (task, normal, tumour_label) in enumerate(tasks if tasks is not None else lc25000_tasks()):
         for si, split in enumerate(SPLITS):
-            pools = {lab: [t for t in splits.get(split, ()) if t.label == lab] for lab in ("benign", task)}
+            pools = {lab: [t for t in splits.get(split, ()) if t.label == lab] for lab in (normal, tumour_label)}
             for lab, pool in pools.items():
                 if not pool and spec.n_bags(split) > 0:
                     raise ValueError(f"split {split!r} has no {lab!r} tiles: cannot build task {task!r} bags")
-            for li, label in enumerate(("benign", task)):
+            for li, label in enumerate((normal, tumour_label)):
                 for i in range(spec.n_bags(split)):
                     rng = np.random.default_rng([seed, ti, si, li, i])
-                    if label == "benign":
+                    if label == normal:
                         mask = np.zeros((spec.grid, spec.grid), dtype=bool)
                     else:
                         mask = grow_blob(spec.grid, int(rng.integers(lo, hi + 1)), rng)
                     flat = mask.ravel()
-                    tumour = iter(_draw(pools[task], int(flat.sum()), rng))
-                    benign = iter(_draw(pools["benign"], n - int(flat.sum()), rng))
+                    tumour = iter(_draw(pools[tumour_label], int(flat.sum()), rng))
+                    benign = iter(_draw(pools[normal], n - int(flat.sum()), rng))
                     tiles = tuple(next(tumour) if m else next(benign) for m in flat)
                     bags.append(
                         Bag(

@@ -6,6 +6,7 @@ without this nearest-centroid number beside it.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,16 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
+def _stream(manifest: Path) -> tuple[dict[str, int], dict[str, tuple[str, str]]]:
+    """(label space, task → (normal label, tumour label)) of a bag set, from its ``bags.json`` if it says."""
+    meta = manifest.parent / "bags.json"
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    if "task_pools" in info and "label_space" in info:
+        pools = {t: (v["normal"], v["tumour"]) for t, v in info["task_pools"].items()}
+        return {k: int(v) for k, v in info["label_space"].items()}, pools
+    return dict(LABEL_SPACE), {t: ("benign", t) for t in TASKS}
+
+
 def colour_centroid_baseline(
     manifest_csv: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None
 ) -> dict[str, float]:
@@ -44,13 +55,16 @@ def colour_centroid_baseline(
     z-scored with train statistics. A nearest-centroid classifier is fitted on the unique TRAIN-split tiles
     (their class known from the instance labels). Per task, bag score = fraction of tiles nearer the task's
     tumour centroid than the benign one; the bag threshold is tuned on the val bags (train when there are
-    none) and accuracy/AUC are reported on the test bags. ``3class`` uses all three centroids: a bag is
-    benign when its tumour fraction is at most a val-tuned threshold, else its majority tumour class.
+    none) and accuracy/AUC are reported on the test bags. ``<K>class`` (``3class`` on LC25000) uses all
+    centroids: a bag is its majority normal class when its tumour fraction is at most a val-tuned
+    threshold, else its majority tumour class. Label space and each task's (normal, tumour) labels come
+    from ``bags.json`` beside the manifest (``task_pools``), LC25000's when it has none.
 
     Returns floats keyed ``<task>/bag_acc``, ``<task>/bag_auc``, ``<task>/tile_acc``, ``<task>/threshold``,
-    ``<task>/n_test_bags`` and the same (without AUC) under ``3class/``.
+    ``<task>/n_test_bags`` and the same (without AUC) under ``<K>class/``.
     """
     rows = read_bag_manifest(manifest_csv, extra_columns=EXTRA_COLUMNS)
+    space, pools = _stream(Path(manifest_csv))
     colour_of: dict[str, np.ndarray] = {}
     bags: list[tuple[BagRecord, list[str], np.ndarray]] = []  # row, tile rel paths, tile class (0/1/2)
     for r in rows:
@@ -65,7 +79,8 @@ def colour_centroid_baseline(
         for rel in rels:
             if rel not in colour_of:
                 colour_of[rel] = colour_features(read_tile(root / rel))
-        cls = np.where(inst, LABEL_SPACE[r.label], 0)
+        normal, tumour = pools[r.task]
+        cls = np.where(inst, space[tumour], space[normal])
         bags.append((r, rels, cls))
 
     def unique_tiles(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,16 +101,16 @@ def colour_centroid_baseline(
 
     tune_split = "val" if any(r.split == "val" for r, *_ in bags) else "train"
     out: dict[str, float] = {}
-    for task in TASKS:
-        c = LABEL_SPACE[task]
-        if c not in centroids or 0 not in centroids:
+    for task, (normal, tumour) in pools.items():
+        c, c0 = space[tumour], space[normal]
+        if c not in centroids or c0 not in centroids:
             continue
         scores, positive, split_of = [], [], []
         for r, rels, _ in bags:
             if r.task == task:
                 d = dists(rels)
-                scores.append(float((d[c] < d[0]).mean()))
-                positive.append(r.label == task)
+                scores.append(float((d[c] < d[c0]).mean()))
+                positive.append(r.label == tumour)
                 split_of.append(r.split)
         s, p, sp = np.array(scores), np.array(positive), np.array(split_of)
         tune, test = sp == tune_split, sp == "test"
@@ -103,9 +118,9 @@ def colour_centroid_baseline(
             continue
         t = _best_threshold(s[tune], lambda t, s=s[tune], p=p[tune]: float(((s > t) == p).mean()))
         x_test, y_test = unique_tiles("test")
-        keep = np.isin(y_test, (0, c))
+        keep = np.isin(y_test, (c0, c))
         z = (x_test[keep] - mu) / sd
-        tile_pred = np.linalg.norm(z - centroids[c], axis=1) < np.linalg.norm(z - centroids[0], axis=1)
+        tile_pred = np.linalg.norm(z - centroids[c], axis=1) < np.linalg.norm(z - centroids[c0], axis=1)
         out[f"{task}/bag_acc"] = float(((s[test] > t) == p[test]).mean())
         out[f"{task}/bag_auc"] = _auc(s[test], p[test])
         out[f"{task}/tile_acc"] = float((tile_pred == (y_test[keep] == c)).mean())
@@ -113,19 +128,22 @@ def colour_centroid_baseline(
         out[f"{task}/n_test_bags"] = float(test.sum())
 
     classes = sorted(centroids)
+    normals = np.array(sorted({space[n] for n, _ in pools.values()}))
+    tumours = np.array(sorted(set(space.values()) - set(normals.tolist())))
+    key = f"{len(space)}class"
     frac, counts, truth, split_of = [], [], [], []
     for r, rels, _ in bags:
         d = dists(rels)
         pred = np.array(classes)[np.argmin(np.stack([d[k] for k in classes]), axis=0)]
-        frac.append(float((pred != 0).mean()))
-        counts.append([int((pred == k).sum()) for k in range(len(LABEL_SPACE))])
-        truth.append(LABEL_SPACE[r.label])
+        frac.append(float(np.isin(pred, tumours).mean()))
+        counts.append([int((pred == k).sum()) for k in range(len(space))])
+        truth.append(space[r.label])
         split_of.append(r.split)
     f_, n_, y_, sp = np.array(frac), np.array(counts), np.array(truth), np.array(split_of)
     tune, test = sp == tune_split, sp == "test"
 
     def predict(t: float) -> np.ndarray:
-        return np.where(f_ > t, 1 + np.argmax(n_[:, 1:], axis=1), 0)
+        return np.where(f_ > t, tumours[np.argmax(n_[:, tumours], 1)], normals[np.argmax(n_[:, normals], 1)])
 
     if tune.any() and test.any():
         t = _best_threshold(f_[tune], lambda t: float((predict(t)[tune] == y_[tune]).mean()))
@@ -135,8 +153,8 @@ def colour_centroid_baseline(
         tile_pred = np.array(classes)[
             np.argmin(np.stack([np.linalg.norm(z - centroids[k], axis=1) for k in classes]), 0)
         ]
-        out["3class/bag_acc"] = float((bag_pred[test] == y_[test]).mean())
-        out["3class/tile_acc"] = float((tile_pred == y_test).mean())
-        out["3class/threshold"] = t
-        out["3class/n_test_bags"] = float(test.sum())
+        out[f"{key}/bag_acc"] = float((bag_pred[test] == y_[test]).mean())
+        out[f"{key}/tile_acc"] = float((tile_pred == y_test).mean())
+        out[f"{key}/threshold"] = t
+        out[f"{key}/n_test_bags"] = float(test.sum())
     return out

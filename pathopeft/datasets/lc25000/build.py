@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pathopeft.datasets.lc25000.bags import Bag, BagSpec, make_bags
-from pathopeft.datasets.lc25000.tiles import LABEL_SPACE, TASKS, TILE_PX, load_tile_table, read_tile, split_groups
+from pathopeft.datasets.lc25000.bags import Bag, BagSpec, TaskPools, lc25000_tasks, make_bags
+from pathopeft.datasets.lc25000.tiles import LABEL_SPACE, TILE_PX, TileRecord, load_tile_table, read_tile, split_groups
 from pathopeft.io import atomic_write_bytes, atomic_write_text
 from pathopeft.mil.tile_features import tile_features
 from pathopeft.wsi import h5io
@@ -86,18 +86,31 @@ def build_bags(
     model_kwargs: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     device: str = "cpu",
+    splits: Mapping[str, Sequence[TileRecord]] | None = None,
+    tasks: Sequence[TaskPools] | None = None,
+    label_space: Mapping[str, int] | None = None,
+    source: str = "LC25000 lung (arXiv:1912.12142), LC25000-clean groups",
+    encode_all: bool = False,
 ) -> Path:
     """Build the bag set under ``out_dir`` and return the path of its manifest ``bags.csv``.
 
     Same (data, spec, features, seed) → byte-identical ``bags.csv`` and identical features; bags whose H5
     already carries the same ``params_hash`` (and whose thumbnail exists) are not rewritten.
+
+    By default the LC25000 tiles under ``root`` are split here; another dataset passes its own ``splits``
+    (tile ``rel`` paths relative to ``root``), ``tasks`` (:class:`TaskPools`) and ``label_space``.
+    ``encode_all`` encodes every tile of ``splits`` rather than only those drawn into bags, so the feature
+    cache survives a change of bag counts (worth it for a CNN on CPU).
     """
     spec = spec or BagSpec()
     root, out_dir = Path(root), Path(out_dir)
-    tiles = load_tile_table(root)
-    splits = split_groups(tiles, spec.fractions, seed)
-    bags = make_bags(splits, spec, seed)
-    used = sorted({t.rel: t for b in bags for t in b.tiles}.values(), key=lambda t: t.rel)
+    if splits is None:
+        splits = split_groups(load_tile_table(root), spec.fractions, seed)
+    tasks = tuple(tasks if tasks is not None else lc25000_tasks())
+    label_space = dict(label_space if label_space is not None else LABEL_SPACE)
+    bags = make_bags(splits, spec, seed, tasks)
+    pool = [t for ts in splits.values() for t in ts] if encode_all else [t for b in bags for t in b.tiles]
+    used = sorted({t.rel: t for t in pool}.values(), key=lambda t: t.rel)
     index = {t.rel: i for i, t in enumerate(used)}
     thumbs: dict[int, np.ndarray] = {}
 
@@ -162,7 +175,7 @@ def build_bags(
             "random_init": bool(info["random_init"]),
             "slide_id": bag.slide_id,
             "label": bag.label,
-            "label_index": LABEL_SPACE[bag.label],
+            "label_index": label_space[bag.label],
             "task": bag.task,
             "split": bag.split,
             "witness_rate": bag.witness_rate,
@@ -171,7 +184,7 @@ def build_bags(
             "seed": seed,
             "thumbnail_downsample": spec.thumbnail_downsample,
             "data_root": str(root.resolve()),
-            "source": "LC25000 lung (arXiv:1912.12142), LC25000-clean groups",
+            "source": source,
         }
         write_bag(h5_path, bag, feats[rows_idx], root_meta, png_path, mosaic)
     log.info("bags: %d written, %d up to date", len(todo), len(bags) - len(todo))
@@ -190,15 +203,16 @@ def build_bags(
         "feature_dim": info["dim"],
         "feature_cache": f"tile_features_{info['hash']}.h5",
         "random_init": bool(info["random_init"]),
-        "label_space": LABEL_SPACE,
-        "tasks": list(TASKS),
+        "label_space": label_space,
+        "tasks": [t.task for t in tasks],
+        "task_pools": {t.task: {"normal": t.normal, "tumour": t.tumour} for t in tasks},
         "splits": {
             s: {
                 lab: {
                     "tiles": sum(t.label == lab for t in ts),
                     "groups": len({t.group_id for t in ts if t.label == lab}),
                 }
-                for lab in LABEL_SPACE
+                for lab in label_space
             }
             for s, ts in splits.items()
         },
