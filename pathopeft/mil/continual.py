@@ -255,6 +255,7 @@ class ContinualRunner:
             log.info("resuming %s after task %d", self.root, state["done"])
         for t in range(state["done"], strategy.n_steps()):
             _seed(cfg.seed + t)
+            net.eval()  # what before_task measures (inputs, Fisher terms) never depends on the mode left behind
             net = strategy.before_task(net, t)
             tasks = strategy.train_tasks(t)
             module = ContinualMILModule(
@@ -303,6 +304,7 @@ class ContinualRunner:
         done = state["done"]
         for t in range(done):
             _seed(self.cfg.seed + t)
+            net.eval()  # as before before_task in run()
             net = self.strategy.rebuild(net, t)
             self._load_net(net, self.root / f"task_{t}")
         last = self.root / f"task_{done - 1}" / STRATEGY_FILE

@@ -137,11 +137,12 @@ def test_tau2_carries_from_epoch_to_epoch_in_the_module():
 
     torch.manual_seed(0)
     net = MILNet("abmil", in_dim=4, n_classes=2, hidden_dim=8)
-    net.eval()  # no dropout, so the bag logits recomputed below are the ones the module saw
     mod = ContinualMILModule(net, [0, 1], benign_class=0, use_bppl=True)
     assert mod.tau2 == 0.5
     bags = [{"features": torch.randn(6, 4), "coords": torch.zeros(6, 2), "label": lbl} for lbl in (0, 1, 1)]
-    mod.on_train_epoch_start()
+    mod.on_train_epoch_start()  # it puts the net in training mode
+    assert net.training
+    net.eval()  # no dropout, so the bag logits recomputed below are the ones the module saw
     want = 0.0
     for b in bags:
         mod._losses(b)
