@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -112,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config, manifest=str(manifest), out_dir=str(runs / f"seed{seed}"),
                 setting=setting, seed=seed, epochs=args.epochs, use_bppl=True if args.bppl_all else None,
             )  # fmt: skip
-            reports.append(compare(dataclasses.replace(cfg), args.strategies))
+            reports.append(compare(cfg, args.strategies))
             print(f"{setting} seed {seed} done after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         lines += [
             "",

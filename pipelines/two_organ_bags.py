@@ -15,16 +15,15 @@ import argparse
 import logging
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from pathopeft.datasets.lc25000 import EXTRA_COLUMNS, SPLITS, BagSpec, colour_centroid_baseline
-from pathopeft.datasets.two_organ import DEFAULT_SPEC, DENSENET, TASKS, build_two_organ_bags
-from pathopeft.mil.data import read_bag_manifest
+from pathopeft.datasets.lc25000 import BagSpec
+from pathopeft.datasets.lc25000.summary import print_build_report
+from pathopeft.datasets.two_organ import DEFAULT_SPEC, DENSENET, build_two_organ_bags
 
 DEFAULT_ROOT = REPO.parent / "shared" / "patch_data"
 
@@ -56,21 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def summary_table(manifest: Path) -> str:
-    """Bags per (task, split, label) and their mean witness rate, as aligned text."""
-    cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for r in read_bag_manifest(manifest, extra_columns=EXTRA_COLUMNS):
-        cells[(r.task, r.split, r.label)].append(float(r.extra["witness_rate"]))
-    lines = [f"{'task':<5} {'split':<6} {'label':<12} {'bags':>5} {'witness':>8}"]
-    for task in TASKS:
-        for split in SPLITS:
-            for label in (task.normal, task.tumour):
-                rates = cells.get((task.task, split, label), [])
-                mean = sum(rates) / len(rates) if rates else float("nan")
-                lines.append(f"{task.task:<5} {split:<6} {label:<12} {len(rates):>5} {mean:>8.3f}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -87,17 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         device=args.device,
     )
-    build_s = time.perf_counter() - t0
-    print(
-        f"\n{manifest}  ({args.features}, grid {spec.grid}×{spec.grid}, witness {spec.witness_range}, {build_s:.1f} s)"
-    )
-    print(summary_table(manifest))
-    if not args.no_baseline:
-        t0 = time.perf_counter()
-        base = colour_centroid_baseline(manifest)
-        print(f"\ncolour nearest-centroid baseline (test split; {time.perf_counter() - t0:.1f} s)")
-        for key, value in base.items():
-            print(f"  {key:<20} {value:.4f}")
+    print_build_report(manifest, spec, args.features, time.perf_counter() - t0, baseline=not args.no_baseline)
     return 0
 
 

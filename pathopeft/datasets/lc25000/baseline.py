@@ -6,7 +6,6 @@ without this nearest-centroid number beside it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pathopeft.datasets.lc25000.build import EXTRA_COLUMNS
-from pathopeft.datasets.lc25000.tiles import LABEL_SPACE, TASKS, read_tile
+from pathopeft.datasets.lc25000.build import EXTRA_COLUMNS, read_stream
+from pathopeft.datasets.lc25000.tiles import read_tile
 from pathopeft.mil.data import BagRecord, read_bag_manifest
 from pathopeft.mil.tile_features import colour_features
 
@@ -33,16 +32,6 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     diff = pos[:, None] - neg[None, :]
     return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
-def _stream(manifest: Path) -> tuple[dict[str, int], dict[str, tuple[str, str]]]:
-    """(label space, task → (normal label, tumour label)) of a bag set, from its ``bags.json`` if it says."""
-    meta = manifest.parent / "bags.json"
-    info = json.loads(meta.read_text()) if meta.is_file() else {}
-    if "task_pools" in info and "label_space" in info:
-        pools = {t: (v["normal"], v["tumour"]) for t, v in info["task_pools"].items()}
-        return {k: int(v) for k, v in info["label_space"].items()}, pools
-    return dict(LABEL_SPACE), {t: ("benign", t) for t in TASKS}
 
 
 def colour_centroid_baseline(
@@ -64,7 +53,8 @@ def colour_centroid_baseline(
     ``<task>/n_test_bags`` and the same (without AUC) under ``<K>class/``.
     """
     rows = read_bag_manifest(manifest_csv, extra_columns=EXTRA_COLUMNS)
-    space, pools = _stream(Path(manifest_csv))
+    space, tasks = read_stream(manifest_csv)
+    pools = {t.task: (t.normal, t.tumour) for t in tasks}
     colour_of: dict[str, np.ndarray] = {}
     bags: list[tuple[BagRecord, list[str], np.ndarray]] = []  # row, tile rel paths, tile class (0/1/2)
     for r in rows:

@@ -222,3 +222,14 @@ def build_bags(
     lines = [",".join(MANIFEST_COLUMNS)] + [",".join(r[c] for c in MANIFEST_COLUMNS) for r in rows]
     atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
+
+
+def read_stream(manifest: str | os.PathLike[str]) -> tuple[dict[str, int], tuple[TaskPools, ...]]:
+    """(label space, tasks) of a bag set, from the ``bags.json`` :func:`build_bags` wrote beside ``manifest``;
+    LC25000's when it records none (bag sets built before tasks had their own normal pools)."""
+    meta = Path(manifest).parent / "bags.json"
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    if "task_pools" in info and "label_space" in info:
+        tasks = tuple(TaskPools(t, v["normal"], v["tumour"]) for t, v in info["task_pools"].items())
+        return {k: int(v) for k, v in info["label_space"].items()}, tasks
+    return dict(LABEL_SPACE), lc25000_tasks()
