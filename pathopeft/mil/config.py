@@ -46,6 +46,12 @@ class ContinualConfig:
     bppl: dict[str, Any] = field(default_factory=dict)
     owlora: dict[str, Any] = field(default_factory=lambda: {"r": 8})
     ewc_lambda: float = 50.0
+    # CoMEL's official baselines (keys left out take the official defaults, see each strategy's docstring):
+    erace: dict[str, Any] = field(default_factory=dict)  # buffer_size (30)
+    derpp: dict[str, Any] = field(default_factory=dict)  # buffer_size (30), alpha (3.0, logit MSE), beta (1.0, CE)
+    agem: dict[str, Any] = field(default_factory=dict)  # buffer_size (30): the episodic memory, in bags
+    lwf: dict[str, Any] = field(default_factory=dict)  # weight (1.0), temperature (2.0)
+    inflora: dict[str, Any] = field(default_factory=dict)  # r (16; a qkv layer's LoRA has rank 3r)
     replay_per_task: int = 4
     collect_bags: int = 32  # training bags per task used to estimate the input subspaces
     heatmaps: int = 2  # per task, from the test split, with the final model

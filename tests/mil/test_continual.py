@@ -265,6 +265,9 @@ def test_a_resumed_run_gives_the_results_of_an_uninterrupted_one(three_tasks, tm
         assert (b / "task_1" / "strategy.safetensors").is_file()
     if strategy == "replay":
         assert len(resumed["strategy_state"]["buffer"]) == 2 * 2  # two earlier tasks' bags
+    if strategy == "derpp":  # the buffer's stored logits travel as tensors, its slide ids as JSON
+        assert (b / "task_1" / "strategy.safetensors").is_file()
+        assert resumed["strategy_state"]["buffer"]["ids"]
 
 
 def test_every_task_trains_in_training_mode(manifest, tmp_path, monkeypatch):

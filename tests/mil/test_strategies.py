@@ -28,8 +28,21 @@ def registry(monkeypatch: pytest.MonkeyPatch):
     return STRATEGIES
 
 
-def test_the_registry_holds_the_seven_strategies_with_their_capabilities():
-    assert STRATEGIES.names() == ["comel", "owlora", "lora", "finetune", "ewc", "replay", "joint"]
+def test_the_registry_holds_every_strategy_with_its_capabilities():
+    assert STRATEGIES.names() == [
+        "comel",
+        "owlora",
+        "lora",
+        "finetune",
+        "ewc",
+        "replay",
+        "erace",
+        "derpp",
+        "lwf",
+        "agem",
+        "inflora",
+        "joint",
+    ]
     assert STRATEGIES.names(bppl=True) == ["comel"]
     assert STRATEGIES.names(adapters=True) == ["comel", "owlora", "lora"]
     assert STRATEGIES.names(ablation=True) == ["owlora"]
@@ -72,7 +85,9 @@ def test_cli_help_and_compare_default_come_from_the_registry(registry, capsys):
     parser = build_parser()
     args = parser.parse_args(["mil", "compare", "--config", "x.yaml"])
     assert (
-        args.strategies == STRATEGIES.names(ablation=False) == ["comel", "lora", "finetune", "ewc", "replay", "joint"]
+        args.strategies
+        == STRATEGIES.names(ablation=False)
+        == ["comel", "lora", "finetune", "ewc", "replay", "erace", "derpp", "lwf", "agem", "inflora", "joint"]
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["mil", "run", "--help"])

@@ -1,11 +1,13 @@
 """Continual strategies, one module each, registered in :data:`STRATEGIES` (see :mod:`.base` for the hooks).
 
-* ``comel``     — GDAT (or any registered model) + BPPL instance head + an OWLoRA adapter per later task;
+* ``comel``     — GDAT (or any registered model) + BPPL (trains the attention) + an OWLoRA adapter per later task;
 * ``owlora``    — the same without BPPL (ablation);
 * ``lora``      — one plain LoRA per later task: the adapter baseline;
 * ``finetune``  — keep training the same net (lower bound);
 * ``ewc``       — finetune + elastic weight consolidation;
 * ``replay``    — finetune + a small buffer of earlier tasks' training bags;
+* ``erace``, ``derpp``, ``lwf``, ``agem``, ``inflora`` — CoMEL's official baselines (ER-ACE, DER++, LwF,
+  A-GEM, InfLoRA; the official runs use BPPL, here it is off unless ``use_bppl: true``);
 * ``joint``     — one training run on all tasks together (upper bound).
 
 A new strategy is one module here with a ``@STRATEGIES.register(name, **caps)`` subclass of
@@ -25,6 +27,11 @@ from pathopeft.mil.strategies import lora
 from pathopeft.mil.strategies import finetune
 from pathopeft.mil.strategies import ewc
 from pathopeft.mil.strategies import replay
+from pathopeft.mil.strategies import erace
+from pathopeft.mil.strategies import derpp
+from pathopeft.mil.strategies import lwf
+from pathopeft.mil.strategies import agem
+from pathopeft.mil.strategies import inflora
 from pathopeft.mil.strategies import joint
 
 # isort: on
@@ -34,11 +41,16 @@ __all__ = [
     "BagSource",
     "Strategy",
     "StrategyStateError",
+    "agem",
     "comel",
+    "derpp",
+    "erace",
     "ewc",
     "finetune",
+    "inflora",
     "joint",
     "lora",
+    "lwf",
     "owlora",
     "replay",
 ]
