@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/continual_mil.py                                    # two organs, 3 seeds, both settings
     python benchmarks/continual_mil.py --seeds 0 --settings class --epochs 3   # quick look
+    python benchmarks/continual_mil.py --width 128 --epochs 5             # the CPU-sized table in RESULTS.md
     python benchmarks/continual_mil.py --bppl-all                          # baselines with BPPL, as official
     python benchmarks/continual_mil.py --stream lc25000 --features colour
 """
@@ -55,6 +56,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=["class", "task"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int)
+    p.add_argument(
+        "--width",
+        type=int,
+        help="GDAT hidden width (default: the config's, official 512); heads = width/64, attention units = width/2 "
+        "(CPU-sized runs: 128)",
+    )
     p.add_argument("--bppl-all", action="store_true", help="BPPL on for every strategy (official baselines)")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     return p.parse_args(argv)
@@ -103,19 +110,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Trivial colour baseline (nearest centroid on colour histograms; no MIL, no continual learning): "
         + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items() if isinstance(v, float) and "n_test" not in k),
     ]
-    runs = args.work / "runs" / (manifest.parent.name + ("-bppl_all" if args.bppl_all else ""))
+    config = Path(config)
+    model_kwargs = dict(load_config(config, manifest=str(manifest)).model_kwargs)
+    if args.width:
+        model_kwargs.update(hidden_dim=args.width, heads=max(1, args.width // 64), attn_dim=args.width // 2)
+    tag = manifest.parent.name + ("-bppl_all" if args.bppl_all else "")
+    tag += f"-w{model_kwargs.get('hidden_dim', 'default')}-e{args.epochs or 'cfg'}"
+    runs = args.work / "runs" / tag
     for setting in args.settings:
         reports: list[ContinualReport] = []
         for seed in args.seeds:
             cfg = load_config(
                 config, manifest=str(manifest), out_dir=str(runs / f"seed{seed}"),
                 setting=setting, seed=seed, epochs=args.epochs, use_bppl=True if args.bppl_all else None,
+                model_kwargs=model_kwargs,
             )  # fmt: skip
             reports.append(compare(cfg, args.strategies))
             print(f"{setting} seed {seed} done after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         lines += [
             "",
-            f"### {setting}-incremental, model `{cfg.model}`, {cfg.epochs} epochs per task, {len(args.seeds)} seeds",
+            (
+                f"### {setting}-incremental, model `{cfg.model}` (hidden {model_kwargs.get('hidden_dim')}), "
+                f"{cfg.epochs} epochs per task, {len(args.seeds)} seeds"
+            ),
             "",
             seeds_markdown(reports),
         ]

@@ -51,6 +51,11 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}
 
+    def for_layer(self, name: str) -> AdapterConfig:
+        """The config of the adapter on layer ``name`` (a method whose rank depends on the layer, as OWLoRA's
+        qkv layers do, returns a copy with that layer's rank)."""
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         d = {k: v for k, v in d.items() if k not in ("adapter_type", "base_model", "pathopeft_version")}
@@ -228,7 +233,7 @@ class AdapterModel(nn.Module):
             if not isinstance(layer, AdaptedLayer):
                 layer = AdaptedLayer(layer)
                 setattr(parent, child, layer)
-            delta = delta_cls(layer.base_layer, config).to(layer.base_layer.weight.device)
+            delta = delta_cls(layer.base_layer, config.for_layer(name)).to(layer.base_layer.weight.device)
             layer.deltas[adapter_name] = delta
         self._targets[adapter_name] = list(dict.fromkeys(names))
         self.peft_config[adapter_name] = config

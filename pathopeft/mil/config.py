@@ -44,7 +44,7 @@ class ContinualConfig:
     seed: int = 0
     use_bppl: bool | None = None  # default: the strategy's ``bppl`` capability
     bppl: dict[str, Any] = field(default_factory=dict)
-    owlora: dict[str, Any] = field(default_factory=lambda: {"r": 8})
+    owlora: dict[str, Any] = field(default_factory=dict)  # OwloraConfig fields; empty: the official OWLoRA
     ewc_lambda: float = 50.0
     # CoMEL's official baselines (keys left out take the official defaults, see each strategy's docstring):
     erace: dict[str, Any] = field(default_factory=dict)  # buffer_size (30)

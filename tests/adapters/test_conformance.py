@@ -138,7 +138,7 @@ def expected_trainable(method: str, model: nn.Module, targets: str) -> int:
         out_f, in_f = weight_2d(layer).shape
         ours = ADAPTERS.get(method)
         if ours.delta_cls is not None:
-            cfg = ours.config_cls(r=RANK, target_modules=[name], **kw)
+            cfg = ours.config_cls(r=RANK, target_modules=[name], **kw).for_layer(name)
             total += ours.delta_cls.expected_trainable(out_f, in_f, cfg)
         else:  # PEFT's LoRA family: A (r × in·kh·kw) and B (out × r); DoRA adds a magnitude per output
             total += RANK * (in_f + out_f) + (out_f if method == "dora" else 0)

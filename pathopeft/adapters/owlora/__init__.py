@@ -5,13 +5,16 @@ from pathopeft.adapters.owlora.layer import (
     collect_inputs,
     max_overlap,
     next_task,
+    orthonormality_penalty,
     owlora_deltas,
+    project_gradients,
     protect_current,
     set_active_tasks,
 )
 
-# zero B at init: the identity; protect_inputs needs each task's layer inputs (collect_inputs) before next_task
-register("owlora", OwloraConfig, OwloraDelta, conv=True, identity_at_init=True, needs_data=True)
+# not the identity at init: W is SVD-truncated (99 % energy); zero B keeps that truncated output. protect_inputs
+# (opt-in) needs collect_inputs before next_task
+register("owlora", OwloraConfig, OwloraDelta, conv=True, identity_at_init=False, needs_data=False)
 
 __all__ = [
     "OwloraConfig",
@@ -19,7 +22,9 @@ __all__ = [
     "collect_inputs",
     "max_overlap",
     "next_task",
+    "orthonormality_penalty",
     "owlora_deltas",
+    "project_gradients",
     "protect_current",
     "set_active_tasks",
 ]

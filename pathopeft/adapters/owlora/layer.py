@@ -1,36 +1,64 @@
-"""OWLoRA — Orthogonal Weighted LoRA, CoMEL's rehearsal-free continual adapter.
+"""OWLoRA — Orthogonal Weighted LoRA, CoMEL's rehearsal-free continual adapter, as the official code builds it.
 
 Lee et al., "Continual Multiple Instance Learning with Enhanced Localization for Histopathological Whole
-Slide Image Analysis" (CoMEL), arXiv 2507.02395, 2025. Only the abstract is public: OWLoRA keeps each task's
-low-rank adapter orthogonal to the earlier tasks' (in the spirit of O-LoRA, Wang et al. 2023, and InfLoRA,
-Liang & Li 2024) and weights the tasks. The exact form is ours (assumptions, all in config):
+Slide Image Analysis" (CoMEL, ICCV 2025); official code github Hyun1A/CoMEL @ 9fd6679 (read, not copied):
+``continual/modules/cl_modules/lora.py`` (``LoRAWeightedLinearLayer`` L66–124, ``LoRACompatibleIncrementalLinear``
+L356–382), ``cdatmil_owlora.py`` (wrapping L281–311, ``expand_lora`` L315–328, ``save_initial_basis``
+L332–361) and ``continual/main/continual_instance/cdatmil_ppl_owlora_trainer.py`` (optimizer L85–95,
+projection L285–313, penalty L369–388, ``after_task`` L393–398). Parity: ``tests/adapters/fixtures/
+owlora_official.npz``.
 
-    ΔW = (α/r) · Σ_{s ≤ t} w_s · B_s · Ã_s,        Ã_s = A_s (I − Q_s Q_sᵀ)
+* At creation (officially after task 0) each adapted weight is replaced by its SVD truncation: the fewest
+  singular values whose energy exceeds ``truncate_energy`` (0.99), at least one (:func:`truncation_rank`).
+* One LoRA per task: ``ΔW = Σ_t B_t · diag(s_t) · A_t`` (``y = base(x) + B_t(s_t ⊙ A_t x)``), A_t ~ N(0, 1/r²),
+  B_t = 0, s_t = 1 (**per-rank** scales: the "weighted"), rank 16, 48 on ``qkv`` (:meth:`OwloraConfig.for_layer`);
+  :func:`next_task` freezes the current one and opens the next; earlier tasks' factors never change.
+* :func:`project_gradients`, after every backward: ∇A_t ← ∇A_t − Σ_{k<t} ∇A_t A_kᵀA_k and
+  ∇B_t ← ∇B_t − Σ_{k<t} B_kB_kᵀ ∇B_t (true projections once the earlier factors are orthonormal, which
+  :func:`orthonormality_penalty` ``Σ_layers (‖A_tA_tᵀ − I‖² + ‖B_tᵀB_t − I‖²) / r²`` drives them to).
+* What differs, on purpose: the official ``save_initial_basis`` appends a random LoRA (its A at the random
+  init, never set from the SVD) that forward skips but the projection uses, so task 1's A-gradient is
+  "projected" against noise; here there is no such layer: task 1 is unprojected and every later task is
+  projected against the real earlier tasks' factors only. ``protect_inputs`` (off by default) is pathopeft's
+  InfLoRA/GPM-style addition: A_t acts as A_t(I − Q_tQ_tᵀ) with Q_t the earlier tasks' principal input
+  directions (:func:`collect_inputs` before :func:`next_task`).
 
-* one pair (A_s: r×in Kaiming, B_s: out×r zero) and one weight w_s (init 1) per task s; only the current
-  task's A, B, w train, earlier tasks' are frozen (they never change again);
-* Q_s (in×k, orthonormal) spans what task s must not touch: the row spaces of all earlier adapters
-  (O-LoRA's constraint, here exact instead of a penalty) and, with ``protect_inputs``, the principal
-  directions of the layer's inputs on earlier tasks' data (InfLoRA/GPM: then ΔW_s x ≈ 0 on old inputs, so
-  the old tasks' outputs of this layer stay as they were) — :func:`collect_inputs` /
-  :func:`next_task` gather them between tasks;
-* orthogonality therefore holds by construction (``Ã_s Ã_{s'}ᵀ = 0`` for s' < s) and is measured in tests.
-
-For task-incremental inference one can restrict the sum to one task (``active_tasks``); class-incremental
-inference uses all of them (no task id needed).
+Under Adam the projected gradient does not give an exactly orthogonal update, and A_t starts random, so the
+official orthogonality is approximate; :func:`max_overlap` measures it. Task-incremental inference may restrict
+the sum to some tasks (:func:`set_active_tasks`); class-incremental inference uses all of them.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathopeft.adapters.core import Delta, base_forward_with_weight
+from pathopeft.adapters.core import Delta, base_forward_with_weight, weight_2d
 from pathopeft.adapters.owlora.config import OwloraConfig
+
+
+def truncation_rank(s: torch.Tensor, energy: float) -> int:
+    """The official rank rule (``save_initial_basis`` L343–350): the first d in 0..len−1 with the energy of
+    the top d singular values above ``energy`` (else len − 1), at least 1."""
+    total = (s**2).sum()
+    d = 0
+    for d in range(len(s)):
+        if (s[:d] ** 2).sum() / total > energy:
+            break
+    return max(d, 1)
+
+
+@torch.no_grad()
+def truncate_weight(base: nn.Module, energy: float) -> int:
+    """Replace ``base``'s weight by its SVD truncation to ``energy``; returns the kept rank."""
+    w = weight_2d(base)
+    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    k = truncation_rank(s, energy)
+    base.weight.copy_(((u[:, :k] * s[:k]) @ vh[:k]).to(w.dtype).view_as(base.weight))
+    return k
 
 
 class OwloraDelta(Delta):
@@ -38,10 +66,12 @@ class OwloraDelta(Delta):
         super().__init__(base, config)
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
-        self.w = nn.ParameterList()
+        self.s = nn.ParameterList()
         self.active_tasks: list[int] | None = None  # None = all (class-incremental)
         self._input_cov: torch.Tensor | None = None
         self._n_inputs = 0
+        if config.truncate_energy is not None:
+            self.register_buffer("kept_rank", torch.tensor(truncate_weight(base, config.truncate_energy)))
         self.add_task(torch.zeros(self.in_features, 0))
 
     @property
@@ -49,24 +79,24 @@ class OwloraDelta(Delta):
         return len(self.A)
 
     def add_task(self, protected: torch.Tensor) -> None:
-        """Freeze the current task and start a new one restricted to the complement of ``protected``."""
-        for p in (*self.A, *self.B, *self.w):
+        """Freeze the current task and open a new LoRA (A ~ N(0, 1/r²), B = 0, s = 1), optionally restricted to
+        the complement of ``protected`` (``protect_inputs``)."""
+        for p in (*self.A, *self.B, *self.s):
             p.requires_grad_(False)
         dev = self.A[0].device if len(self.A) else None
-        a = torch.empty(self.config.r, self.in_features, device=dev)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.A.append(nn.Parameter(a))
-        self.B.append(nn.Parameter(torch.zeros(self.out_features, self.config.r, device=dev)))
-        self.w.append(nn.Parameter(torch.ones((), device=dev), requires_grad=self.config.weighted))
-        self.register_buffer(f"Q{len(self.A) - 1}", protected.to(a))  # saved in the adapter file
+        r = self.config.r
+        self.A.append(nn.Parameter(torch.randn(r, self.in_features, device=dev) / r))
+        self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev)))
+        self.s.append(nn.Parameter(torch.ones(r, device=dev), requires_grad=self.config.weighted))
+        self.register_buffer(f"Q{len(self.A) - 1}", protected.to(self.A[-1]))  # saved in the adapter file
 
     def requires_grad_(self, requires_grad: bool = True) -> OwloraDelta:
         """Only the current task can train; earlier tasks' adapters stay frozen whatever the caller asks."""
-        for p in (*self.A[:-1], *self.B[:-1], *self.w[:-1]):
+        for p in (*self.A[:-1], *self.B[:-1], *self.s[:-1]):
             p.requires_grad_(False)
         for p in (self.A[-1], self.B[-1]):
             p.requires_grad_(requires_grad)
-        self.w[-1].requires_grad_(requires_grad and self.config.weighted)
+        self.s[-1].requires_grad_(requires_grad and self.config.weighted)
         return self
 
     def before_load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -74,15 +104,15 @@ class OwloraDelta(Delta):
         n = len({k.split(".")[1] for k in tensors if k.startswith("A.")})
         while self.n_tasks < n:
             self.add_task(tensors[f"Q{self.n_tasks}"])
-        for s in range(n):
-            if self._q(s).shape != tensors[f"Q{s}"].shape:
-                self.register_buffer(f"Q{s}", tensors[f"Q{s}"].to(self.A[0]))
+        for t in range(n):
+            if self._q(t).shape != tensors[f"Q{t}"].shape:
+                self.register_buffer(f"Q{t}", tensors[f"Q{t}"].to(self.A[0]))
 
-    def _q(self, s: int) -> torch.Tensor:
-        return getattr(self, f"Q{s}")
+    def _q(self, t: int) -> torch.Tensor:
+        return getattr(self, f"Q{t}")
 
-    def projected_A(self, s: int) -> torch.Tensor:
-        a, q = self.A[s], self._q(s)
+    def projected_A(self, t: int) -> torch.Tensor:
+        a, q = self.A[t], self._q(t)
         return a - (a @ q) @ q.T if q.numel() else a
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +121,8 @@ class OwloraDelta(Delta):
             a = self.A[0]
             return a.new_zeros(self.out_features, 0), a.new_zeros(0, self.in_features)
         scale = self.config.scaling
-        p = torch.cat([self.B[s] * (self.w[s] * scale) for s in tasks], dim=1)
-        q = torch.cat([self.projected_A(s) for s in tasks], dim=0)
+        p = torch.cat([self.B[t] * (self.s[t] * scale) for t in tasks], dim=1)
+        q = torch.cat([self.projected_A(t) for t in tasks], dim=0)
         return p, q
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
@@ -107,7 +137,25 @@ class OwloraDelta(Delta):
             return base(x) + F.linear(F.linear(x.to(q.dtype), q), p).to(x.dtype)
         return base_forward_with_weight(base, x, base.weight + self.delta_weight(base).view_as(base.weight))
 
-    # --- subspace bookkeeping between tasks ------------------------------------------------------------------
+    # --- CoMEL's orthogonality: projection and penalty of the current task's factors -------------------------
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """Trainer L285–313: both factors' gradients minus their components along every earlier task's."""
+        if self.config.projection == "none" or self.n_tasks < 2:
+            return
+        a, b = self.A[-1], self.B[-1]
+        if a.grad is not None:
+            a.grad -= sum(a.grad @ (ak.T @ ak) for ak in self.A[:-1])
+        if b.grad is not None:
+            b.grad -= sum((bk @ bk.T) @ b.grad for bk in self.B[:-1])
+
+    def orthonormality_penalty(self) -> torch.Tensor:
+        """Trainer L369–388: (‖AAᵀ − I‖² + ‖BᵀB − I‖²) / r² of the current task's factors."""
+        a, b = self.A[-1], self.B[-1]
+        eye = torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
+        return (((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum()) / a.shape[0] ** 2
+
+    # --- pathopeft's input protection (protect_inputs) between tasks ----------------------------------------
     def start_collecting(self) -> None:
         self._input_cov = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self._n_inputs = 0
@@ -119,35 +167,29 @@ class OwloraDelta(Delta):
         self._n_inputs += flat.shape[0]
 
     @torch.no_grad()
-    def protected_basis(self, include_current: bool = True) -> torch.Tensor:
-        """Orthonormal basis (in × k) of the adapters' row spaces plus, if collected, the old input subspace.
-
-        Empty when ``orthogonal=False`` (plain LoRA per task)."""
+    def protected_basis(self) -> torch.Tensor:
+        """Orthonormal basis (in × k) of the earlier tasks' principal input directions (``protect_inputs``),
+        together with those already protected; empty without ``protect_inputs``."""
         cfg: OwloraConfig = self.config
-        if not cfg.orthogonal:
-            self._input_cov = None
+        cov, self._input_cov = self._input_cov, None
+        if not cfg.protect_inputs:
             return torch.zeros(self.in_features, 0)
-        last = self.n_tasks if include_current else self.n_tasks - 1
-        cols = [self.projected_A(s).detach().T for s in range(last)]
-        cols.append(self._q(self.n_tasks - 1))
-        if self._input_cov is not None and cfg.protect_inputs and self._n_inputs:
-            evals, evecs = torch.linalg.eigh(self._input_cov)
+        cols = [self._q(self.n_tasks - 1).cpu().double()]
+        if cov is not None and self._n_inputs:
+            evals, evecs = torch.linalg.eigh(cov)
             evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
             frac = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-12)
             k = int(torch.searchsorted(frac, torch.tensor(cfg.energy, dtype=frac.dtype)).item()) + 1
-            k = min(k, int(cfg.max_protected * self.in_features))
-            cols.append(evecs[:, :k].to(cols[0]))
-        self._input_cov = None
-        m = torch.cat(cols, dim=1).double()
+            cols.append(evecs[:, : min(k, int(cfg.max_protected * self.in_features))])
+        m = torch.cat(cols, dim=1)
         if m.shape[1] == 0:
             return m.float()
         u, s, _ = torch.linalg.svd(m, full_matrices=False)
-        keep = s > s.max() * 1e-6
-        return u[:, keep].float()
+        return u[:, s > s.max() * 1e-6].float()
 
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: OwloraConfig) -> int:
-        return config.r * (in_features + out_features) + 1
+        return config.r * (in_features + out_features) + (config.r if config.weighted else 0)
 
 
 def owlora_deltas(model: nn.Module) -> list[OwloraDelta]:
@@ -165,18 +207,27 @@ def collect_inputs(model: nn.Module, batches: Iterable, forward) -> None:
 
 
 def next_task(model: nn.Module) -> None:
-    """Freeze the current task's adapters and open the next task in the protected complement."""
+    """Freeze the current task's adapters and open the next task's (official ``expand_lora``)."""
     for d in owlora_deltas(model):
         d.add_task(d.protected_basis())
 
 
 def protect_current(model: nn.Module) -> None:
-    """Restrict the *current* task's adapters to the complement of the inputs collected so far.
-
-    Used once before the first adapter task, when the earlier task trained the base model itself."""
+    """``protect_inputs`` only: restrict the *current* task's adapters to the complement of the inputs
+    collected so far (once, before the first adapter task, when the earlier task trained the base itself)."""
     for d in owlora_deltas(model):
-        q = d.protected_basis(include_current=False)
-        d.register_buffer(f"Q{d.n_tasks - 1}", q.to(d.A[-1]))
+        d.register_buffer(f"Q{d.n_tasks - 1}", d.protected_basis().to(d.A[-1]))
+
+
+def project_gradients(model: nn.Module) -> None:
+    """CoMEL's gradient projection on every OWLoRA layer (call after ``backward``, before the step)."""
+    for d in owlora_deltas(model):
+        d.project_gradients()
+
+
+def orthonormality_penalty(model: nn.Module) -> torch.Tensor:
+    """CoMEL's penalty summed over the OWLoRA layers (add ``ortho_weight`` times it to the loss)."""
+    return torch.stack([d.orthonormality_penalty() for d in owlora_deltas(model)]).sum()
 
 
 def set_active_tasks(model: nn.Module, tasks: list[int] | None) -> None:
@@ -187,14 +238,19 @@ def set_active_tasks(model: nn.Module, tasks: list[int] | None) -> None:
 
 @torch.no_grad()
 def max_overlap(model: nn.Module) -> float:
-    """Largest |cos| between rows of the current task's Ã and any earlier task's Ã (0 = orthogonal)."""
+    """Largest |cos| between a row of the current task's A (a column of its B) and any earlier task's
+    (0 = orthogonal on both sides)."""
     worst = 0.0
     for d in owlora_deltas(model):
         t = d.n_tasks - 1
-        cur = F.normalize(d.projected_A(t), dim=1)
-        for s in range(t):
-            old = d.projected_A(s)
-            if old.abs().max() == 0:
+        for cur, old in (
+            (d.projected_A(t), [d.projected_A(k) for k in range(t)]),
+            (d.B[t].T, [d.B[k].T for k in range(t)]),
+        ):
+            if cur.abs().max() == 0:
                 continue
-            worst = max(worst, float((cur @ F.normalize(old, dim=1).T).abs().max()))
+            cur = F.normalize(cur, dim=1)
+            for o in old:
+                if o.abs().max() > 0:
+                    worst = max(worst, float((cur @ F.normalize(o, dim=1).T).abs().max()))
     return worst

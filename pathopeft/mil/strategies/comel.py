@@ -2,8 +2,8 @@
 
 Any registered MIL model (GDAT by default) with BPPL pseudo-labels training its attention, from which tile
 scores are read (:mod:`pathopeft.mil.bppl`; ``bppl: {variant: legacy}`` trains a separate instance head); task 1
-trains the whole net, every later task adds an OWLoRA adapter (orthogonal to earlier adapters and to earlier
-tasks' input subspaces, per-task weight). Rehearsal-free.
+trains the whole net, every later task adds the official OWLoRA LoRA (per-rank scales, gradients projected
+against earlier tasks' factors, orthonormality penalty; :mod:`.adapter`). Rehearsal-free.
 """
 
 from __future__ import annotations
