@@ -57,6 +57,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int)
     p.add_argument(
+        "--model",
+        help="MIL model instead of the config's (e.g. gdat-grid: is the grid-grouped variant worth keeping?); "
+        "model_kwargs it does not take are dropped",
+    )
+    p.add_argument(
         "--width",
         type=int,
         help="GDAT hidden width (default: the config's, official 512); heads = width/64, attention units = width/2 "
@@ -111,10 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items() if isinstance(v, float) and "n_test" not in k),
     ]
     config = Path(config)
-    model_kwargs = dict(load_config(config, manifest=str(manifest)).model_kwargs)
+    base = load_config(config, manifest=str(manifest))
+    model, model_kwargs = args.model or base.model, dict(base.model_kwargs)
     if args.width:
         model_kwargs.update(hidden_dim=args.width, heads=max(1, args.width // 64), attn_dim=args.width // 2)
-    tag = manifest.parent.name + ("-bppl_all" if args.bppl_all else "")
+    if args.model:
+        import inspect
+
+        from pathopeft.mil.models import MIL_MODELS
+
+        takes = inspect.signature(MIL_MODELS.get(args.model).__init__).parameters
+        dropped = sorted(k for k in model_kwargs if k not in takes)
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k in takes}
+        print(f"model {args.model}: dropped model_kwargs {dropped}", file=sys.stderr)
+    tag = manifest.parent.name + ("" if model == base.model else f"-{model}") + ("-bppl_all" if args.bppl_all else "")
     tag += f"-w{model_kwargs.get('hidden_dim', 'default')}-e{args.epochs or 'cfg'}"
     runs = args.work / "runs" / tag
     for setting in args.settings:
@@ -123,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(
                 config, manifest=str(manifest), out_dir=str(runs / f"seed{seed}"),
                 setting=setting, seed=seed, epochs=args.epochs, use_bppl=True if args.bppl_all else None,
-                model_kwargs=model_kwargs,
+                model=model, model_kwargs=model_kwargs,
             )  # fmt: skip
             reports.append(compare(cfg, args.strategies))
             print(f"{setting} seed {seed} done after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
