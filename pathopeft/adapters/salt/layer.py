@@ -1,7 +1,9 @@
 """SALT — Singular Value Adaptation with Low-Rank Transformation.
 
-Elgohary et al., "SALT: Singular Value Adaptation with Low-Rank Transformation", 2025 (arXiv 2503.16055);
-official code BioMedIA-MBZUAI/SALT.
+Elsayed et al., "SALT: Singular Value Adaptation with Low-Rank Transformation", MICCAI 2025 (arXiv 2503.16055);
+official code BioMedIA-MBZUAI/SALT @ 7314877 (``prompt_adapted_SAM2/modeling/Adapters/SALT.py``, ``SALTLinear``;
+recipe ``backbones/hieradet.py`` L33–34, L103–104: ``ratio_salt`` 0.1, ``r_lora`` 256 on qkv and proj, and
+the MLP's linears). Parity: ``tests/adapters/fixtures/salt_official.npz``.
 
 With the frozen weight as a matrix W = U diag(s) Vᵀ (thin SVD, k = min(out, in); conv kernels viewed as
 out × in·kh·kw)::
@@ -9,7 +11,9 @@ out × in·kh·kw)::
     Σ' = blockdiag( diag(α ⊙ s[:r] + β),  diag(s[r:]) + X Y )        X: (k−r)×r_lora, Y: r_lora×(k−r)
     W' = U · ReLU(Σ') · Vᵀ,          ΔW = W' − W = U (ReLU(Σ') − diag(s)) Vᵀ
 
-Trainable: α, β ∈ R^r (init 1, 0) and X, Y: 2r + 2(k−r)·r_lora per layer. Bias frozen.
+Trainable: α, β ∈ R^r (init 1, 0) and X, Y: 2r + 2(k−r)·r_lora per layer. Bias frozen. r = max(1, ⌊0.1·k⌋)
+unless given; r_lora = min(256, k − r). The official regulariser ‖Σ'top − Σtop‖_F + ‖XY‖_F (returned by
+``SALTLinear.forward`` beside the output) is :func:`salt_regularizer`, weight ``reg_weight`` (0 as shipped).
 
 Choices where paper and code differ (we follow the code unless said):
 
@@ -49,9 +53,8 @@ class SaltDelta(Delta):
         super().__init__(base, config)
         k = min(self.out_features, self.in_features)
         self.k = k
-        self.r = min(config.r, k)
+        self.r, rl = config.ranks(k)
         res = k - self.r
-        rl = config.r_lora
         self.alpha = nn.Parameter(torch.ones(self.r))
         self.beta = nn.Parameter(torch.zeros(self.r))
         self.X = nn.Parameter(torch.empty(res, rl))
@@ -112,8 +115,23 @@ class SaltDelta(Delta):
             return base(x) + F.linear(F.linear(x.to(q.dtype), q), p).to(x.dtype)
         return super().forward(x, base)
 
+    def regularizer(self) -> torch.Tensor:
+        """The official ``reg_loss``: ‖diag(α⊙s_top + β) − diag(s_top)‖_F + ‖X Y‖_F (``SALTLinear.forward``)."""
+        if not self.S.numel():
+            raise RuntimeError("SALT's regulariser needs the layer's SVD: run a forward pass first")
+        s_top = self.S[: self.r]
+        return torch.linalg.vector_norm(self.alpha * s_top + self.beta - s_top) + torch.linalg.matrix_norm(
+            self.X @ self.Y
+        )
+
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: SaltConfig) -> int:
         k = min(out_features, in_features)
-        r = min(config.r, k)
-        return 2 * r + 2 * (k - r) * config.r_lora
+        r, rl = config.ranks(k)
+        return 2 * r + 2 * (k - r) * rl
+
+
+def salt_regularizer(model: nn.Module) -> torch.Tensor:
+    """Σ over SALT layers of the official regulariser (add ``reg_weight`` times it to the loss)."""
+    terms = [m.regularizer() for m in model.modules() if isinstance(m, SaltDelta)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
