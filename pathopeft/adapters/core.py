@@ -135,10 +135,18 @@ class AdapterMethod:
 #: ``backend`` ("pathopeft": an :class:`AdapterModel`; "peft": a ``PeftModel``), ``conv`` (adapts
 #: ``nn.Conv2d`` too), ``identity_at_init`` (output equals the base model's before training), ``callback``
 #: (factory of the Lightning callback training needs, e.g. SNELLA's budget schedule; None: none),
-#: ``needs_data`` (inputs must be collected before a task, OWLoRA's protected subspaces).
+#: ``needs_data`` (inputs must be collected before a task, OWLoRA's protected subspaces), ``regularizer``
+#: (``model -> loss term`` that training adds, already weighted by the method's config: SALT's; None: none).
 ADAPTERS: Registry[AdapterMethod] = Registry(
     "adapter method",
-    {"backend": "pathopeft", "conv": False, "identity_at_init": False, "callback": None, "needs_data": False},
+    {
+        "backend": "pathopeft",
+        "conv": False,
+        "identity_at_init": False,
+        "callback": None,
+        "needs_data": False,
+        "regularizer": None,
+    },
 )
 
 

@@ -127,6 +127,10 @@ class SegModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
+        reg = self._adapter_regularizer()
+        if reg is not None:  # the method's own loss term (SALT's, when its reg_weight > 0)
+            self.log("train/adapter_reg", reg, batch_size=batch["image"].shape[0])
+            loss = loss + reg
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -175,6 +179,16 @@ class SegModule(pl.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr * 1e-2)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def _adapter_regularizer(self) -> torch.Tensor | None:
+        """The loss term the adapter's ``ADAPTERS`` entry adds to training (``regularizer``), if any."""
+        from pathopeft.adapters import ADAPTERS
+
+        name = self.model.config["adapter"]
+        if self.model.mode != "adapter" or name not in ADAPTERS:
+            return None
+        term = ADAPTERS.entry(name).caps["regularizer"]
+        return term(self.model) if term is not None else None
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The callback the adapter's ``ADAPTERS`` entry says training needs (SNELLA's budget schedule), so

@@ -477,3 +477,23 @@ def test_bf16_training_step_on_gpu(adapter: str | None) -> None:
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert grads
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_salt_regulariser_joins_the_training_loss_only_when_weighted():
+    """SALT's ``regularizer`` capability: SegModule adds reg_weight · (‖Σ'top − Σtop‖ + ‖XY‖) to the loss."""
+    cfg, _ = TOYS["vit"]
+    plain = SegModule(SegModel(n_classes=N_CLASSES, adapter="salt", adapter_kwargs={"rank": 4}, **cfg))
+    weighted = SegModule(
+        SegModel(n_classes=N_CLASSES, adapter="salt", adapter_kwargs={"rank": 4, "reg_weight": 0.5}, **cfg)
+    )
+    batch = batch_for("vit")
+    for m in (plain, weighted):
+        m.compute_loss(batch)  # SALT's SVD is taken at the first forward
+        for d in m.modules():
+            if hasattr(d, "beta") and hasattr(d, "X"):
+                with torch.no_grad():
+                    d.beta.fill_(0.1)  # a shifted top block: the regulariser is > 0
+    assert plain._adapter_regularizer() is None
+    reg = weighted._adapter_regularizer()
+    assert reg is not None
+    assert float(reg) > 0

@@ -135,3 +135,14 @@ def salt_regularizer(model: nn.Module) -> torch.Tensor:
     """Σ over SALT layers of the official regulariser (add ``reg_weight`` times it to the loss)."""
     terms = [m.regularizer() for m in model.modules() if isinstance(m, SaltDelta)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def salt_loss(model: nn.Module) -> torch.Tensor | None:
+    """``reg_weight`` · the regulariser over the SALT layers whose config asks for it (None when none does):
+    the ``regularizer`` capability training loops add to their loss."""
+    terms = [
+        m.config.reg_weight * m.regularizer()
+        for m in model.modules()
+        if isinstance(m, SaltDelta) and m.config.reg_weight and m.S.numel()
+    ]
+    return torch.stack(terms).sum() if terms else None
