@@ -55,6 +55,7 @@ class CompareConfig:
     rank: int = 8
     targets: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train_norms: bool = False  # every adapter method also trains norms + position embeddings (SALT's recipe)
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
     seeds: list[int] = field(default_factory=lambda: [0])
     max_steps: int = 200
@@ -95,6 +96,7 @@ def build_model(cfg: CompareConfig, method: str, seed: int) -> SegModel:
         cfg.encoder, cfg.n_classes, weights=cfg.weights, adapter=adapter, adapter_kwargs=kwargs, targets=cfg.targets,
         img_size=cfg.img_size, encoder_kwargs=cfg.encoder_kwargs, mean=cfg.mean, std=cfg.std,
         freeze_encoder=freeze, bn_eps=cfg.bn_eps, init_seed=seed,
+        train_norms=cfg.train_norms and adapter not in (None, "full"),
     )  # fmt: skip
 
 

@@ -74,6 +74,8 @@ class SegModel(nn.Module):
             encoder (``vit-progressive`` for ViT-like encoders, ``unet`` for CNNs). The config keeps the
             resolved name, so a checkpoint rebuilds the same decoder.
         freeze_encoder: only with ``adapter=None``: ``False`` trains the whole encoder (same as ``"full"``).
+        train_norms: with an adapter, also train the encoder's normalisation layers and position embeddings
+            (:func:`train_norms_and_positions`), as the SALT recipe does for every method it compares.
         bn_eps: override every encoder BatchNorm's eps (Keras-converted weights use 1.001e-5).
         init_seed: seed of a random-init encoder (ignored with ``weights``).
     """
@@ -96,6 +98,7 @@ class SegModel(nn.Module):
         freeze_encoder: bool = True,
         bn_eps: float | None = None,
         init_seed: int = 0,
+        train_norms: bool = False,
     ) -> None:
         super().__init__()
         import timm
@@ -125,6 +128,7 @@ class SegModel(nn.Module):
             "freeze_encoder": freeze_encoder,
             "bn_eps": bn_eps,
             "init_seed": init_seed,
+            "train_norms": train_norms,
         }
         self.n_classes = n_classes
         enc_kw = dict(encoder_kwargs or {})
@@ -182,6 +186,10 @@ class SegModel(nn.Module):
 
             tg = self.decoder_spec.adapter_targets(model, targets)
             model = adapters.create(name, model, targets=tg, **(adapter_kwargs or {}))
+            if train_norms:
+                train_norms_and_positions(model)
+        elif train_norms:
+            log.warning("train_norms ignored: no adapter (mode %s)", self.mode)
         self.encoder = model
         self.train()
 
@@ -256,3 +264,17 @@ class SegModel(nn.Module):
 
     def n_total(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def train_norms_and_positions(encoder: nn.Module) -> int:
+    """Make the base encoder's norm parameters (LayerNorm/BatchNorm affine, any ``norm`` in the name) and
+    position embeddings trainable beside the adapter, for every method alike; returns how many tensors."""
+    n = 0
+    for name, p in encoder.named_parameters():
+        leaf = name.lower()
+        if ".deltas." in leaf or "lora_" in leaf or ".base_layer." in leaf:
+            continue
+        if "norm" in leaf or "pos_embed" in leaf:
+            p.requires_grad_(True)
+            n += 1
+    return n

@@ -497,3 +497,16 @@ def test_salt_regulariser_joins_the_training_loss_only_when_weighted():
     reg = weighted._adapter_regularizer()
     assert reg is not None
     assert float(reg) > 0
+
+
+@pytest.mark.parametrize("adapter", ["salt", "lora"])
+def test_train_norms_adds_the_norms_and_position_embeddings_to_every_method(adapter):
+    base = build("vit", adapter)
+    cfg, _ = TOYS["vit"]
+    with_norms = SegModel(n_classes=N_CLASSES, adapter=adapter, adapter_kwargs={"rank": 4}, train_norms=True, **cfg)
+    trained = {n for n, p in with_norms.named_parameters() if p.requires_grad}
+    assert any("norm" in n for n in trained)
+    assert any("pos_embed" in n for n in trained)
+    assert with_norms.n_trainable() > base.n_trainable()
+    rebuilt = SegModel(**with_norms.config)  # the switch is in the config, so a checkpoint rebuilds it
+    rebuilt.load_trainable_state_dict(with_norms.trainable_state_dict())
