@@ -13,6 +13,7 @@ cannot be loaded onto the wrong model by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -117,9 +118,21 @@ def _other_peft_config(name: str, targets: list[str], rank: int | None, **kw: An
     except (ValueError, KeyError) as e:
         known = sorted({*ADAPTERS, *(t.value.lower() for t in peft.PeftType)})
         raise UnknownPluginError(f"unknown adapter method {name!r}; known: {known}") from e
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
     if rank is not None:
+        if "r" not in fields:  # FourierFT / WaveFT (n_frequency), OSF (effective_rank), C3A (block_size), …
+            sizes = sorted(fields & SIZE_ARGUMENTS)
+            raise ValueError(
+                f"adapter method {name!r} has no rank: pass its size argument "
+                + (" or ".join(f"{a}=…" for a in sizes) if sizes else "(see PEFT's " + cfg_cls.__name__ + ")")
+                + " instead of rank"
+            )
         kw.setdefault("r", rank)
     return cfg_cls(target_modules=targets, **kw)
+
+
+#: Size arguments of PEFT methods that have no ``r`` (named in the error when ``rank`` is passed to one).
+SIZE_ARGUMENTS = frozenset({"n_frequency", "effective_rank", "block_size", "oft_block_size", "boft_block_size"})
 
 
 def create(

@@ -248,3 +248,10 @@ def test_snella_layer_sparsity_travels_with_the_adapter_file(tmp_path):
     got = [m.sparsity for m in loaded.modules() if isinstance(m, SnellaDelta)]
     assert got[0] == pytest.approx(0.8)
     assert got[1] == pytest.approx(0.5)
+
+
+def test_a_peft_method_without_a_rank_names_its_size_argument():
+    with pytest.raises(ValueError, match=r"'fourierft' has no rank: pass its size argument n_frequency="):
+        adapters.create("fourierft", build("vit", seed=0), rank=4, targets="attn")
+    model = adapters.create("fourierft", build("vit", seed=0), targets="attn", n_frequency=16)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
