@@ -14,9 +14,11 @@ cannot be loaded onto the wrong model by accident.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,27 @@ def _other_peft_config(name: str, targets: list[str], rank: int | None, **kw: An
     return cfg_cls(target_modules=targets, **kw)
 
 
+@functools.cache
+def peft_adapts_conv(name: str) -> bool:
+    """Whether PEFT's method ``name`` wraps an ``nn.Conv2d``: asked of PEFT itself, on a one-conv probe model with
+    the method's default config (so a new PEFT release answers for itself, no hand-kept list)."""
+    import peft
+
+    cfg_cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(name.upper())]
+
+    def wraps(layer: nn.Module) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peft.get_peft_model(nn.Sequential(layer), cfg_cls(target_modules=["0"]))
+        except Exception:  # noqa: BLE001 — any refusal (ValueError, TypeError, NotImplementedError …)
+            return False
+        return True
+
+    # a method whose default config cannot wrap a Linear either needs arguments: let PEFT itself answer then
+    return wraps(nn.Conv2d(8, 8, 3)) or not wraps(nn.Linear(8, 8))
+
+
 #: Size arguments of PEFT methods that have no ``r`` (named in the error when ``rank`` is passed to one).
 SIZE_ARGUMENTS = frozenset({"n_frequency", "effective_rank", "block_size", "oft_block_size", "boft_block_size"})
 
@@ -172,6 +195,9 @@ def create(
         config = entry.obj.peft_config(names, rank, alpha, **kwargs)
     else:
         config = _other_peft_config(name, names, rank, **kwargs)
+        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+        if convs and not peft_adapts_conv(name):
+            raise ValueError(f"{name} (PEFT) adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
     pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
     # the full target list, because PEFT condenses >= 20 names into suffixes on save (see load)
     pm._pathopeft_base = {

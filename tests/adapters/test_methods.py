@@ -255,3 +255,15 @@ def test_a_peft_method_without_a_rank_names_its_size_argument():
         adapters.create("fourierft", build("vit", seed=0), rank=4, targets="attn")
     model = adapters.create("fourierft", build("vit", seed=0), targets="attn", n_frequency=16)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_a_linear_only_peft_method_on_a_conv_is_one_error_before_wrapping():
+    """Which PEFT methods adapt Conv2d is asked of PEFT (a probe), not kept in a hand list."""
+    from pathopeft.adapters.registry import peft_adapts_conv
+
+    assert not peft_adapts_conv("vera")
+    assert peft_adapts_conv("loha")
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"vera \(PEFT\) adapts nn.Linear only; these targets are Conv2d: \['2'\]"):
+        adapters.create("vera", cnn, rank=4, targets=["2"])
+    assert not any(isinstance(m, nn.Module) and type(m).__name__.startswith("Vera") for m in cnn.modules())
