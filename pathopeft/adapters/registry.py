@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 # our methods register on import, in this order (the listing order: keep it, not alphabetical)
@@ -135,23 +136,32 @@ def _other_peft_config(name: str, targets: list[str], rank: int | None, **kw: An
 
 @functools.cache
 def peft_adapts_conv(name: str) -> bool:
-    """Whether PEFT's method ``name`` wraps an ``nn.Conv2d``: asked of PEFT itself, on a one-conv probe model with
-    the method's default config (so a new PEFT release answers for itself, no hand-kept list)."""
+    """Whether PEFT's method ``name`` adapts an ``nn.Conv2d`` correctly: asked of PEFT itself, on one-layer probes
+    with the method's default config (so a new PEFT release answers for itself, no hand-kept list). A method
+    that is the identity at init on a Linear but not on a Conv2d counts as not adapting convs."""
     import peft
 
     cfg_cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType(name.upper())]
 
-    def wraps(layer: nn.Module) -> bool:
+    def wraps(layer: nn.Module, x: torch.Tensor) -> tuple[bool, bool]:
+        """(PEFT wraps it, its output at init equals the layer's)."""
+        torch.manual_seed(0)
+        model = nn.Sequential(layer)
+        ref = model(x).detach()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                peft.get_peft_model(nn.Sequential(layer), cfg_cls(target_modules=["0"]))
+                out = peft.get_peft_model(model, cfg_cls(target_modules=["0"]))(x)
         except Exception:  # noqa: BLE001 — any refusal (ValueError, TypeError, NotImplementedError …)
-            return False
-        return True
+            return False, False
+        return True, bool(torch.allclose(out, ref, atol=1e-4))
 
-    # a method whose default config cannot wrap a Linear either needs arguments: let PEFT itself answer then
-    return wraps(nn.Conv2d(8, 8, 3)) or not wraps(nn.Linear(8, 8))
+    conv_ok, conv_identity = wraps(nn.Conv2d(8, 8, 3), torch.randn(2, 8, 6, 6))
+    linear_ok, linear_identity = wraps(nn.Linear(8, 8), torch.randn(2, 8))
+    if not linear_ok:  # the default config needs arguments: let PEFT itself answer on the real model
+        return True
+    # identity at init on a Linear but not on a Conv2d is a broken conv path (PEFT 0.21's OFT): refuse it
+    return conv_ok and (conv_identity or not linear_identity)
 
 
 #: Size arguments of PEFT methods that have no ``r`` (named in the error when ``rank`` is passed to one).
