@@ -186,10 +186,10 @@ def create(
     name = name.lower()
     names = resolve_targets(model, targets)
     entry = ADAPTERS.entry(name) if name in ADAPTERS else None
-    if entry is not None and not entry.caps["conv"]:
-        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
-        if convs:
-            raise ValueError(f"{name} adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
+    convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+    if convs and not (entry.caps["conv"] if entry is not None else peft_adapts_conv(name)):
+        label = name if entry is not None else f"{name} (PEFT)"
+        raise ValueError(f"{label} adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
     if entry is not None and entry.caps["backend"] == "pathopeft":
         cfg_kw = dict(kwargs)
         if rank is not None:
@@ -205,9 +205,6 @@ def create(
         config = entry.obj.peft_config(names, rank, alpha, **kwargs)
     else:
         config = _other_peft_config(name, names, rank, **kwargs)
-        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
-        if convs and not peft_adapts_conv(name):
-            raise ValueError(f"{name} (PEFT) adapts nn.Linear only; these targets are Conv2d: {convs[:4]}")
     pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
     # the full target list, because PEFT condenses >= 20 names into suffixes on save (see load)
     pm._pathopeft_base = {

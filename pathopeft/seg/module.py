@@ -180,25 +180,25 @@ class SegModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=self.lr * 1e-2)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    def _adapter_regularizer(self) -> torch.Tensor | None:
-        """The loss term the adapter's ``ADAPTERS`` entry adds to training (``regularizer``), if any."""
+    def _adapter_caps(self) -> dict[str, Any]:
+        """The capabilities of this model's adapter in ``ADAPTERS``; empty for frozen/full or a PEFT method
+        known only by its PEFT name."""
         from pathopeft.adapters import ADAPTERS
 
         name = self.model.config["adapter"]
         if self.model.mode != "adapter" or name not in ADAPTERS:
-            return None
-        term = ADAPTERS.entry(name).caps["regularizer"]
+            return {}
+        return ADAPTERS.entry(name).caps
+
+    def _adapter_regularizer(self) -> torch.Tensor | None:
+        """The loss term the adapter's ``ADAPTERS`` entry adds to training (``regularizer``), if any."""
+        term = self._adapter_caps().get("regularizer")
         return term(self.model) if term is not None else None
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The callback the adapter's ``ADAPTERS`` entry says training needs (SNELLA's budget schedule), so
         every Trainer that fits this module runs it; none for other methods or without an adapter."""
-        from pathopeft.adapters import ADAPTERS
-
-        name = self.model.config["adapter"]
-        if self.model.mode != "adapter" or name not in ADAPTERS:  # frozen/full, or a PEFT method by its name
-            return []
-        factory = ADAPTERS.entry(name).caps["callback"]
+        factory = self._adapter_caps().get("callback")
         return [factory()] if factory is not None else []
 
     # --- small checkpoints ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ protection, which needs the previous task's layer inputs (collected here).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from pathopeft.mil.strategies.base import Strategy
@@ -39,7 +40,9 @@ class AdapterStrategy(Strategy):
         """Keyword arguments of the ``owlora`` adapter (the config's ``owlora`` section)."""
         return dict(self.cfg.owlora)
 
+    @functools.cached_property
     def _opts(self) -> Any:
+        """The adapter's config, built once per run (``extra_losses`` reads it on every training bag)."""
         from pathopeft.adapters.owlora import OwloraConfig
 
         return OwloraConfig(**self.adapter_kwargs())
@@ -51,7 +54,7 @@ class AdapterStrategy(Strategy):
         from pathopeft.adapters.owlora import collect_inputs, next_task, protect_current
 
         cfg, kw = self.cfg, self.adapter_kwargs()
-        protect = self._opts().protect_inputs
+        protect = self._opts.protect_inputs
 
         def gather() -> None:
             prev = self.data.loaded(self.data.bags(cfg.tasks[t - 1], "train"), cfg.collect_bags)
@@ -71,7 +74,7 @@ class AdapterStrategy(Strategy):
     def extra_losses(
         self, net: nn.Module, batch: dict[str, Any], out: Any, allowed: list[int], t: int
     ) -> dict[str, torch.Tensor]:
-        opts = self._opts()
+        opts = self._opts
         if t == 0 or opts.projection == "none" or not opts.ortho_weight:
             return {}
         from pathopeft.adapters.owlora import orthonormality_penalty
