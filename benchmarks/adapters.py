@@ -11,8 +11,9 @@ of ``pathopeft.adapters.list_methods()`` at the same rank and targets, this prin
   before the measured steps; on CUDA ``torch.cuda.max_memory_allocated`` instead;
 * merged inference time (``merge_and_unload``) relative to the bare base model.
 
-Two extra rows put the methods in context: ``wara (r/2)`` has LoRA-r's parameter count (WaRA has twice
-LoRA's parameters at the same r) and ``dense-masked`` is a sparse-tuning baseline in the SPT/GPS style
+Extra rows put the methods in context: ``wara (2r)`` has LoRA-r's parameter count (the paper's WaRA has
+half of LoRA's parameters at the same r), so does ``wara-subband (r/2)`` (pathopeft's per-subband design has
+twice LoRA's), and ``dense-masked`` is a sparse-tuning baseline in the SPT/GPS style
 (a dense trainable ΔW per layer with a fixed mask at SNELLA's sparsity), the kind of method SNELLA's
 memory claim (31–40 % less) is made against.
 
@@ -87,7 +88,8 @@ def variants(rank: int) -> list[tuple[str, str, dict]]:
             {"rank": rank, "r_lora": rank, "relu": "singular_values"},
         ),
         ("wara", "wara", {"rank": rank}),
-        (f"wara (r={max(1, rank // 2)}, LoRA's params)", "wara", {"rank": max(1, rank // 2)}),
+        (f"wara (r={2 * rank}, LoRA's params)", "wara", {"rank": 2 * rank}),
+        (f"wara-subband (r={max(1, rank // 2)}, LoRA's params)", "wara-subband", {"rank": max(1, rank // 2)}),
         ("snella", "snella", {"rank": rank}),
         ("snella (no checkpoint)", "snella", {"rank": rank, "checkpoint": False}),
         ("dense-masked (sparse-tuning baseline)", "dense-masked", {}),

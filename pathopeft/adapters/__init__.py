@@ -18,7 +18,7 @@ from pathopeft.adapters.salt import SaltConfig
 from pathopeft.adapters.serialization import AdapterLoadError
 from pathopeft.adapters.snella import BudgetAllocator, SnellaBudgetCallback, SnellaConfig
 from pathopeft.adapters.targets import PRESETS, resolve_targets
-from pathopeft.adapters.wara import WaraConfig
+from pathopeft.adapters.wara import WaraConfig, WaraSubbandConfig
 
 __all__ = [
     "ADAPTERS",
@@ -33,6 +33,7 @@ __all__ = [
     "SnellaBudgetCallback",
     "SnellaConfig",
     "WaraConfig",
+    "WaraSubbandConfig",
     "create",
     "list_methods",
     "load",

@@ -71,7 +71,8 @@ TOYS = {
 # options that change a method's computation run through the same matrix
 VARIANTS = {
     "salt[relu=singular_values]": ("salt", {"relu": "singular_values"}),
-    "wara[db2,level=2]": ("wara", {"wavelet": "db2", "level": 2}),
+    "wara[db2]": ("wara", {"wavelet": "db2"}),
+    "wara-subband[db2,level=2]": ("wara-subband", {"wavelet": "db2", "level": 2}),
     "snella[kernel=distance]": ("snella", {"kernel": "distance", "kept_value": "plain"}),
 }
 ALL = [*METHODS, *VARIANTS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from pathopeft import adapters
 from pathopeft.adapters.salt import SaltConfig, SaltDelta
 from pathopeft.adapters.snella import BudgetAllocator, SnellaBudgetCallback, SnellaConfig, SnellaDelta
 from pathopeft.adapters.snella.layer import sparsify
-from pathopeft.adapters.wara import WaraConfig, WaraDelta
+from pathopeft.adapters.wara import WaraConfig, WaraDelta, WaraSubbandConfig, WaraSubbandDelta
 from pathopeft.adapters.wara.wavelets import analysis_matrix, dwt2, idwt2, subbands_2d
 from tests.adapters.test_conformance import _vit, build, x_for
 
@@ -28,6 +29,17 @@ def test_dwt_is_orthogonal_with_perfect_reconstruction(wavelet, level, shape):
     torch.testing.assert_close(idwt2(dwt2(x, wavelet, level), wavelet, level), x)
     idwt2(dwt2(x, wavelet, level), wavelet, level).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))  # differentiable, and the round trip is identity
+
+
+@pytest.mark.parametrize(("wavelet", "level"), [("haar", 1), ("db2", 1), ("db2", 2), ("db4", 2), ("sym4", 1)])
+def test_dwt_matrices_are_pywavelets_periodization(wavelet, level):
+    """The filters' order and alignment are PyWavelets' (``mode="periodization"``), so "db2" means the
+    standard transform, not a shifted one."""
+    pywt = pytest.importorskip("pywt")
+    n = 16
+    basis = np.eye(n)
+    theirs = np.stack([np.concatenate(pywt.wavedec(basis[i], wavelet, "periodization", level)) for i in range(n)], 1)
+    np.testing.assert_allclose(analysis_matrix(n, wavelet, level, dtype=torch.float64).numpy(), theirs, atol=1e-12)
 
 
 def test_haar_of_a_constant_is_all_in_ll():
@@ -51,38 +63,124 @@ def test_unknown_wavelet_fails_at_config_time():
         WaraConfig(wavelet="nope")
 
 
-# --- WaRA ----------------------------------------------------------------------------------------------------
-def _randomised_wara(out_f: int, in_f: int, r: int, shared: bool = False) -> torch.Tensor:
-    layer = nn.Linear(in_f, out_f).double()
-    delta = WaraDelta(layer, WaraConfig(r=r)).double()
+# --- WaRA (the paper's Figure 1) -------------------------------------------------------------------------------
+def _trained_wara(layer: nn.Module, **kw) -> WaraDelta:
+    torch.manual_seed(0)
+    delta = WaraDelta(layer, WaraConfig(**kw)).double()
     with torch.no_grad():
-        for i, b in enumerate(delta.B):
-            b.copy_(delta.B[0] if shared and i else torch.randn_like(b))
-        if shared:
-            for a in delta.A:
-                a.copy_(delta.A[0])
+        delta.B.normal_()
+    return delta
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+def test_wara_is_figure_1_on_the_input_embedding(wavelet):
+    """Oracle: PyWavelets' 2-D DWT of X (features × tokens), the shared B·A on each of the four subbands, the
+    inverse DWT: must equal ΔW X from the factored weight-space path."""
+    pywt = pytest.importorskip("pywt")
+    d_in, d_out, k, r = 12, 10, 6, 3
+    layer = nn.Linear(d_in, d_out).double()
+    delta = _trained_wara(layer, r=r, wavelet=wavelet, alpha=2 * r)
+    x = torch.randn(d_in, k, dtype=torch.float64)
+    ll, (lh, hl, hh) = pywt.dwt2(x.numpy(), wavelet, mode="periodization")
+    ba = (delta.B @ delta.A).detach().numpy() * delta.scaling
+    out = pywt.idwt2((ba @ ll, (ba @ lh, ba @ hl, ba @ hh)), wavelet, mode="periodization")
+    dw = delta.delta_weight(layer)
+    torch.testing.assert_close(dw @ x, torch.from_numpy(out))
+    xb = torch.randn(4, d_in, dtype=torch.float64)  # the layer's forward is base + that update
+    torch.testing.assert_close(delta(xb, layer), layer(xb) + xb @ dw.T)
+
+
+def test_wara_weight_update_is_the_inverse_dwt_of_its_assembled_coefficients():
+    """ΔW = IDWT2(C) with C's LL = HH = (α/r)·BA and LH = HL = 0, from the plain transform, not the factors."""
+    layer = nn.Linear(16, 8).double()
+    delta = _trained_wara(layer, r=2, wavelet="db2")
+    ba = (delta.B @ delta.A).detach()
+    c = torch.zeros(8, 16, dtype=torch.float64)
+    c[:4, :8], c[4:, 8:] = ba, ba
+    torch.testing.assert_close(delta.delta_weight(layer), idwt2(c, "db2", 1))
+
+
+def test_haar_ll_only_update_is_blockwise_constant_and_hh_only_is_a_checkerboard():
+    m = torch.randn(4, 6, dtype=torch.float64)
+    c = torch.zeros(8, 12, dtype=torch.float64)
+    c[:4, :6] = m
+    ll = idwt2(c, "haar", 1)
+    torch.testing.assert_close(ll, torch.kron(m, torch.ones(2, 2, dtype=torch.float64)) / 2)
+    c.zero_()
+    c[4:, 6:] = m
+    hh = idwt2(c, "haar", 1)
+    sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(hh, torch.kron(m, sign) / 2)
+
+
+def test_haar_wara_blocks_are_ll_plus_hh_only():
+    """Figure 1's shared pair puts the update in LL and HH: every 2×2 block of ΔW is [[p, q], [q, p]]."""
+    layer = nn.Linear(12, 8).double()
+    dw = _trained_wara(layer, r=2).delta_weight(layer)
+    assert dw.abs().max() > 0
+    torch.testing.assert_close(dw[0::2, 0::2], dw[1::2, 1::2])
+    torch.testing.assert_close(dw[0::2, 1::2], dw[1::2, 0::2])
+
+
+def test_wara_rank_and_parameters_against_lora():
+    """Rank up to 2r for r·(out + in)/2 parameters: LoRA's count at rank r/2."""
+    r, out_f, in_f = 4, 24, 16
+    layer = nn.Linear(in_f, out_f).double()
+    delta = _trained_wara(layer, r=r)
+    n = sum(p.numel() for p in delta.parameters())
+    assert n == WaraDelta.expected_trainable(out_f, in_f, WaraConfig(r=r)) == r * (out_f + in_f) // 2
+    assert torch.linalg.matrix_rank(delta.delta_weight(layer)) == 2 * r
+
+
+def test_wara_on_conv_runs_the_wavelet_over_input_channels():
+    """Tap-major im2col: with Haar, input channels 2m and 2m+1 pair at the same kernel tap; ΔW equals the
+    Linear form on the (out × kh·kw·in) view, permuted back to PyTorch's layout."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    delta = _trained_wara(conv, r=2)
+    dw = delta.delta_weight(conv).view(6, 4, 3, 3)
+    p, q = delta.factors()
+    torch.testing.assert_close(dw.permute(0, 2, 3, 1).reshape(6, -1), p @ q)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(delta(x, conv), nn.functional.conv2d(x, conv.weight + dw, conv.bias, padding=1))
+
+
+def test_old_wara_files_with_a_level_point_to_wara_subband():
+    with pytest.raises(ValueError, match="wara-subband"):
+        WaraConfig.from_dict({"adapter_type": "wara", "r": 4, "level": 1})
+
+
+# --- wara-subband (pathopeft's per-subband design) ----------------------------------------------------------------
+def _randomised_subband(out_f: int, in_f: int, r: int, only: str | None = None) -> torch.Tensor:
+    layer = nn.Linear(in_f, out_f).double()
+    delta = WaraSubbandDelta(layer, WaraSubbandConfig(r=r)).double()
+    with torch.no_grad():
+        for (name, _, _), b in zip(delta.bands, delta.B, strict=True):
+            b.copy_(torch.randn_like(b) if only in (None, name) else torch.zeros_like(b))
     return delta.delta_weight(layer)
 
 
-def test_wara_is_not_lora():
+def test_wara_subband_is_not_lora():
     """Per-subband factors reach rank 4r; LoRA with the same parameter count (rank 2r) cannot exceed 2r."""
     r, out_f, in_f = 2, 24, 16
-    dw = _randomised_wara(out_f, in_f, r)
-    lora_rank_same_params = WaraDelta.expected_trainable(out_f, in_f, WaraConfig(r=r)) // (out_f + in_f)
+    dw = _randomised_subband(out_f, in_f, r)
+    lora_rank_same_params = WaraSubbandDelta.expected_trainable(out_f, in_f, WaraSubbandConfig(r=r)) // (out_f + in_f)
     assert lora_rank_same_params == 2 * r
     assert torch.linalg.matrix_rank(dw) == 4 * r
 
 
-def test_shared_factors_would_collapse_to_a_lora_like_update():
-    """Why WaRA here has per-subband factors: one pair shared by all Haar subbands gives rank ≤ 2r (v1's figure)."""
-    r = 2
-    dw = _randomised_wara(24, 16, r, shared=True)
-    assert torch.linalg.matrix_rank(dw) <= 2 * r
+@pytest.mark.parametrize(("band", "sign"), [("LL1", [[1, 1], [1, 1]]), ("HH1", [[1, -1], [-1, 1]])])
+def test_wara_subband_layout(band, sign):
+    """An LL-only update is constant on 2×2 blocks, an HH-only one has the checkerboard sign (catches a swapped
+    or transposed subband layout)."""
+    dw = _randomised_subband(8, 12, 2, only=band)
+    block = dw[0::2, 0::2]
+    for a, b in itertools.product(range(2), range(2)):
+        torch.testing.assert_close(dw[a::2, b::2], sign[a][b] * block)
 
 
-def test_wara_factored_forward_equals_dense_delta():
+def test_wara_subband_factored_forward_equals_dense_delta():
     layer = nn.Linear(10, 14)  # odd/non-power sizes: padded to even and cropped
-    delta = WaraDelta(layer, WaraConfig(r=3, wavelet="db2"))
+    delta = WaraSubbandDelta(layer, WaraSubbandConfig(r=3, wavelet="db2"))
     with torch.no_grad():
         for b in delta.B:
             b.normal_()

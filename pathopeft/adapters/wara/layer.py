@@ -1,28 +1,33 @@
-"""WaRA — Wavelet Low Rank Adaptation.
+"""WaRA — Wavelet Low Rank Adaptation, as the paper's Figure 1 draws it.
 
-Heidari et al., "WaRA: Wavelet Low Rank Adaptation", arXiv 2506.24092 (v1 June 2025, v2 March 2026); official
-code moeinheidari7829/WaRA (not readable from here: this implementation follows the paper's Figure 1 and
-the issue's analysis, and the choices below are ours).
+Heidari et al., "WaRA: Wavelet Low Rank Adaptation", arXiv 2506.24092 (v1, June 2025). The official code
+(moeinheidari7829/WaRA) could not be read from here and the text gives no equations, so this follows the
+Figure 1 caption: the input embedding X ∈ R^{d1×k} (features × tokens) is decomposed by a 2-D DWT into
+{C_LL, C_LH, C_HL, C_HH}, one low-rank pair A_w ∈ R^{r×d1/2}, B_w ∈ R^{d2/2×r} is applied to the
+coefficients, and the inverse DWT gives the update X̂ = W⁻¹(B_w A_w C) ∈ R^{d2×k}.
 
-The weight update lives in the 2-D wavelet domain of the (out × in) weight matrix. Its coefficient matrix
-C is split into Mallat subbands s ∈ {LL_L, LH_j, HL_j, HH_j} and each subband gets its *own* low-rank
-factors; the inverse DWT brings the update back::
+Exact weight-space form (any orthogonal, periodised wavelet; D_n the one-level DWT matrix of length n, split
+into its low-pass rows D_n^L and high-pass rows D_n^H). The same B A multiplies every subband from the left,
+so the coefficients become blockdiag(BA, BA)·C, and the token-axis transform cancels (D_kᵀ D_k = I)::
 
-    C[s] = B_s A_s          B_s: |rows(s)|×r (init 0),  A_s: r×|cols(s)| (Kaiming-uniform)
-    ΔW   = (α/r) · IDWT2(C) = (α/r) · Σ_s (D_outᵀ[:, rows(s)] B_s)(A_s D_in[cols(s), :])
+    X̂ = D_{d2}ᵀ · blockdiag(BA, BA) · D_{d1} X D_kᵀ · D_k = ΔW X
+    ΔW = (α/r) · D_{d2}ᵀ blockdiag(BA, BA) D_{d1} = (α/r) · (D_{d2}^Lᵀ B A D_{d1}^L + D_{d2}^Hᵀ B A D_{d1}^H)
 
-with D the orthogonal L-level DWT matrices (``wara.wavelets``; Haar by default, level 1: 4 subbands of
-(out/2)×(in/2)). Trainable: r·Σ_s(|rows(s)| + |cols(s)|) = r·(2·out + 2·in) at level 1 — twice LoRA's count
-at the same r, for an update of rank up to 4r.
+So WaRA is input-independent and merges into W; its own 2-D DWT coefficient matrix has LL = HH = (α/r)·BA
+and LH = HL = 0 (for Haar: every 2×2 block of ΔW is [[p, q], [q, p]]). Rank ≤ 2r with r·(d1 + d2)/2
+trainable parameters: half of LoRA's at the same r, so rank 2r here costs what LoRA's rank r does. Odd sizes
+are zero-padded to even before the transform and cropped after. Init as LoRA (B = 0, A Kaiming-uniform), so
+the adapted model equals the base model before training. Linear layers run factored: base(x) + x Qᵀ Pᵀ with
+P = [D^Lᵀ B, D^Hᵀ B] (d2 × 2r) and Q = [A D^L; A D^H] (2r × d1).
 
-Why per-subband factors: v1's figure shares one pair (A_w, B_w) across all four subbands; with an
-orthogonal wavelet that shared form is exactly a LoRA-like update ((B A) ⊗ I₂ in interleaved order), so it
-would add nothing over LoRA. Per-subband factors are the smallest change that makes the wavelet domain
-matter; a test shows the resulting ΔW is not reachable by LoRA at equal parameter count.
+Conv2d (pathopeft's extension; the paper adapts ViT linears): the "input embedding" is the im2col patch
+vector, ordered tap-major (kh, kw, in-channel), so the wavelet's input axis runs over *input channels*
+(channel 2m with 2m + 1 at the same kernel tap, for an even channel count) and its output axis over output
+channels; ΔW is built in that order and permuted back to PyTorch's (out, in, kh, kw) layout. A 1×1 conv is
+exactly the Linear case.
 
-Odd sizes are zero-padded to a multiple of 2^level before the transform and cropped after. The transform
-is applied to the factors (cost out²·r + in²·r per step), and the layer runs as base(x) + x·Qᵀ·Pᵀ like
-LoRA; Conv2d layers use the dense ΔW on the (out × in·kh·kw) view.
+Not implemented: v2's (March 2026) spatial-grid form and Tiny-WaRA. With a linear shared adapter the v2 form
+IDWT(BA · DWT_spatial(X)) equals BA·X, plain LoRA, so it would need details the abstract does not give.
 """
 
 from __future__ import annotations
@@ -33,52 +38,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathopeft.adapters.core import Delta, base_forward_with_weight
+from pathopeft.adapters.core import Delta
 from pathopeft.adapters.wara.config import WaraConfig
-from pathopeft.adapters.wara.wavelets import analysis_matrix, padded_length, subbands_2d
+from pathopeft.adapters.wara.wavelets import analysis_matrix, padded_length
 
 
 class WaraDelta(Delta):
     def __init__(self, base: nn.Module, config: WaraConfig) -> None:
         super().__init__(base, config)
-        self.n_out = padded_length(self.out_features, config.level)
-        self.n_in = padded_length(self.in_features, config.level)
-        self.bands = subbands_2d(self.n_out, self.n_in, config.level)
-        self.B = nn.ParameterList()
-        self.A = nn.ParameterList()
-        for _, rows, cols in self.bands:
-            b = nn.Parameter(torch.zeros(rows.stop - rows.start, config.r))
-            a = nn.Parameter(torch.empty(config.r, cols.stop - cols.start))
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.B.append(b)
-            self.A.append(a)
+        self.n_out = padded_length(self.out_features, 1)
+        self.n_in = padded_length(self.in_features, 1)
+        self.kernel = tuple(base.weight.shape[2:]) if isinstance(base, nn.Conv2d) else None
+        self.B = nn.Parameter(torch.zeros(self.n_out // 2, config.r))
+        self.A = nn.Parameter(torch.empty(config.r, self.n_in // 2))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scaling = config.scaling
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """P (out × S·r) and Q (S·r × in) with ΔW = P Q."""
+        """P (out × 2r) and Q (2r × in, tap-major on convs) with ΔW = P Q."""
         cfg: WaraConfig = self.config
-        dev, dt = self.A[0].device, self.A[0].dtype
-        d_out = analysis_matrix(self.n_out, cfg.wavelet, cfg.level, dev, dt)[:, : self.out_features]
-        d_in = analysis_matrix(self.n_in, cfg.wavelet, cfg.level, dev, dt)[:, : self.in_features]
-        p = torch.cat([d_out[rows].T @ b for (_, rows, _), b in zip(self.bands, self.B, strict=True)], dim=1)
-        q = torch.cat([a @ d_in[cols] for (_, _, cols), a in zip(self.bands, self.A, strict=True)], dim=0)
+        dev, dt = self.A.device, self.A.dtype
+        d_out = analysis_matrix(self.n_out, cfg.wavelet, 1, dev, dt)[:, : self.out_features]
+        d_in = analysis_matrix(self.n_in, cfg.wavelet, 1, dev, dt)[:, : self.in_features]
+        h_out, h_in = self.n_out // 2, self.n_in // 2
+        p = torch.cat([d_out[:h_out].T @ self.B, d_out[h_out:].T @ self.B], dim=1)
+        q = torch.cat([self.A @ d_in[:h_in], self.A @ d_in[h_in:]], dim=0)
         return p * self.scaling, q
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         p, q = self.factors()
-        return p @ q
+        dw = p @ q
+        if self.kernel is None:
+            return dw
+        kh, kw = self.kernel
+        return dw.view(self.out_features, kh, kw, -1).permute(0, 3, 1, 2).reshape(self.out_features, -1)
 
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if isinstance(base, nn.Linear):
             p, q = self.factors()
             return base(x) + F.linear(F.linear(x.to(q.dtype), q), p).to(x.dtype)
-        w = base.weight + self.delta_weight(base).to(base.weight.dtype).view_as(base.weight)
-        return base_forward_with_weight(base, x, w)
+        return super().forward(x, base)
 
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: WaraConfig) -> int:
-        n_out, n_in = padded_length(out_features, config.level), padded_length(in_features, config.level)
-        return sum(
-            config.r * ((rows.stop - rows.start) + (cols.stop - cols.start))
-            for _, rows, cols in subbands_2d(n_out, n_in, config.level)
-        )
+        return config.r * (padded_length(out_features, 1) + padded_length(in_features, 1)) // 2

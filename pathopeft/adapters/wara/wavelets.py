@@ -32,17 +32,21 @@ _BUILTIN = {
 
 
 def lowpass_filter(wavelet: str) -> list[float]:
-    """Analysis low-pass taps of an orthogonal wavelet (sum √2, unit norm)."""
+    """Low-pass taps of an orthogonal wavelet (sum √2, unit norm), in PyWavelets' ``rec_lo`` order: with the
+    alignment of :func:`_one_level` the matrices equal PyWavelets' ``mode="periodization"`` transforms."""
     if wavelet in _BUILTIN:
         return list(_BUILTIN[wavelet])
     try:
         import pywt
     except ImportError as e:
         raise ValueError(f"wavelet {wavelet!r}: built in are {sorted(_BUILTIN)}; others need PyWavelets") from e
-    w = pywt.Wavelet(wavelet)
+    try:
+        w = pywt.Wavelet(wavelet)
+    except ValueError as e:
+        raise ValueError(f"wavelet {wavelet!r} is not a PyWavelets wavelet name ({e})") from None
     if not w.orthogonal:
         raise ValueError(f"wavelet {wavelet!r} is not orthogonal; WaRA needs an orthogonal wavelet")
-    return list(w.rec_lo)[::-1]  # analysis low-pass in correlation order
+    return list(w.rec_lo)  # the taps in the order the matrices below use (PyWavelets' own convention)
 
 
 def padded_length(n: int, level: int) -> int:
@@ -55,10 +59,11 @@ def _one_level(n: int, h: list[float]) -> torch.Tensor:
     g = [(-1) ** k * h[taps - 1 - k] for k in range(taps)]
     m = torch.zeros(n, n, dtype=torch.float64)
     half = n // 2
+    shift = taps // 2 - 1  # PyWavelets' "periodization" alignment (0 for Haar)
     for i in range(half):
         for k in range(taps):
-            m[i, (2 * i + k) % n] += h[k]
-            m[half + i, (2 * i + k) % n] += g[k]
+            m[i, (2 * i + k - shift) % n] += h[k]
+            m[half + i, (2 * i + k - shift) % n] += g[k]
     return m
 
 
