@@ -168,11 +168,15 @@ def peft_adapts_conv(name: str) -> bool:
 SIZE_ARGUMENTS = frozenset({"n_frequency", "effective_rank", "block_size", "oft_block_size", "boft_block_size"})
 
 
+def _default_targets(config_cls: type) -> str | list[str]:
+    return next(f.default for f in dataclasses.fields(config_cls) if f.name == "target_modules")
+
+
 def create(
     name: str,
     model: nn.Module,
     rank: int | None = None,
-    targets: str | list[str] = "attn",
+    targets: str | list[str] | None = None,
     alpha: float | None = None,
     adapter_name: str = "default",
     **kwargs: Any,
@@ -180,12 +184,16 @@ def create(
     """Wrap ``model`` with adapter ``name``; returns an :class:`AdapterModel` (ours) or a ``PeftModel``.
 
     ``rank`` is each method's ``r``; ``targets`` a preset (``"attn"``, ``"attn+mlp"``, ``"all-linear"``,
-    ``"all-conv"``, ``"all"``) or module names; ``kwargs`` go to the method's config (e.g. ``r_lora=4`` for
+    ``"all-conv"``, ``"all"``) or module names (None: the method's own default, e.g. SALT's and SNELLA's
+    official ``"attn+mlp"``; ``"attn"`` for PEFT's methods); ``kwargs`` go to the method's config (e.g. ``r_lora=4`` for
     SALT, ``wavelet="db2"`` for WaRA, ``sparsity=0.95`` for SNELLA, ``lora_dropout`` for PEFT's LoRA).
     """
     name = name.lower()
-    names = resolve_targets(model, targets)
     entry = ADAPTERS.entry(name) if name in ADAPTERS else None
+    if targets is None:
+        ours = entry is not None and entry.caps["backend"] == "pathopeft"
+        targets = _default_targets(our_method(name).config_cls) if ours else "attn"
+    names = resolve_targets(model, targets)
     convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
     if convs and not (entry.caps["conv"] if entry is not None else peft_adapts_conv(name)):
         label = name if entry is not None else f"{name} (PEFT)"

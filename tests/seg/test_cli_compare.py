@@ -166,3 +166,53 @@ def test_fit_resumes_from_its_checkpoint_with_the_shipped_callbacks(tmp_path, mo
 
 def test_early_stopping_waits_for_validation():
     assert early_stopping()._check_on_train_epoch_end is False  # see test_fit_resumes_from_its_checkpoint_...
+
+
+def _snella_sparsities(state_dict: dict[str, torch.Tensor]) -> list[float]:
+    return [float(v) for k, v in state_dict.items() if k.endswith("layer_sparsity") for v in v.reshape(-1)]
+
+
+def test_seg_fit_with_snella_runs_its_budget_competition(tmp_path, monkeypatch):
+    """A ``seg fit`` with ``snella`` attaches the budget allocator by itself: at the end the layers' (and q/k/v
+    parts') sparsities differ and their mean is the final sparsity. Fails if a run ends with one sparsity in
+    every layer (the fixed-sparsity kernel the old pipelines ran)."""
+    _synthetic_set(tmp_path)
+    cfg = yaml.safe_load((HERE / "conf" / "tiny_fit.yaml").read_text())
+    cfg["model"]["model"]["adapter"] = "snella"
+    cfg["model"]["model"]["adapter_kwargs"] = {"rank": 4, "final_sparsity": 0.5}
+    cfg["model"]["model"]["targets"] = "attn+mlp"
+    cfg["data"]["manifest"] = str(tmp_path / "seg.csv")
+    cfg["trainer"]["max_steps"] = 6
+    cfg["data"]["samples_per_epoch"] = 12
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert main(["seg", "fit", "--config", str(tmp_path / "fit.yaml"), f"--trainer.default_root_dir={tmp_path}"]) == 0
+    ckpt = max(tmp_path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    sp = _snella_sparsities(torch.load(ckpt, weights_only=False)["state_dict"])
+    assert len(sp) == 3 + 3  # q, k, v of the split qkv, proj, fc1, fc2
+    assert max(sp) - min(sp) > 0.05  # competition, not one sparsity everywhere
+    assert sum(sp) / len(sp) == pytest.approx(0.5, abs=0.1)  # sizes differ, so the mean is weighted: roughly
+
+
+@pytest.mark.shared
+def test_seg_compare_with_snella_runs_its_budget_competition(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.seg import compare
+
+    seen: list[list[float]] = []
+    real_fit = compare.fit_one
+
+    def fit_and_look(c, m, lr, s, dm):
+        run = real_fit(c, m, lr, s, dm)
+        seen.append(_snella_sparsities(run["model"].state_dict()))
+        return run
+
+    monkeypatch.setattr(compare, "fit_one", fit_and_look)
+    cfg = CompareConfig(
+        manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4, methods=["snella"],
+        rank=4, targets="attn+mlp", lrs=[1e-2], seeds=[0], max_steps=4, val_fraction=0.25, grid_images=1,
+    )  # fmt: skip
+    run_compare(cfg)
+    assert len(seen) == 1
+    assert len(seen[0]) == 6
+    assert max(seen[0]) - min(seen[0]) > 0.05
