@@ -19,9 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from pathopeft.seg.compare import CompareConfig, run_compare
+from pathopeft.seg.compare import load_compare_config, run_compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,12 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lrs", type=float, nargs="+")
     p.add_argument("--methods", nargs="+")
     args = p.parse_args(argv)
-    data = yaml.safe_load(args.config.read_text())
-    for key in ("out_dir", "max_steps", "seeds", "lrs", "methods"):
+    cfg = load_compare_config(args.config, args.out_dir)  # inputs relative to the YAML, as `seg compare`
+    for key in ("max_steps", "seeds", "lrs", "methods"):
         value = getattr(args, key)
         if value is not None:
-            data[key] = str(value) if key == "out_dir" else value
-    cfg = CompareConfig(**data)
+            setattr(cfg, key, value)
     t0 = time.perf_counter()
     run_compare(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text())

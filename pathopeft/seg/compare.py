@@ -52,7 +52,7 @@ class CompareConfig:
     crop: int = 128
     batch_size: int = 8
     methods: list[str] = field(default_factory=lambda: ["frozen", "lora", "dora", "salt", "wara", "snella"])
-    rank: int = 8
+    rank: int = 8  # every adapter's rank unless its method_kwargs say otherwise ({rank: null}: the method's default)
     targets: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_norms: bool = False  # every adapter method also trains norms + position embeddings (SALT's recipe)
@@ -81,7 +81,9 @@ def load_compare_config(path: str | os.PathLike[str], out_dir: str | os.PathLike
 
 
 def _adapter(method: str) -> tuple[str | None, bool]:
-    """(adapter name for SegModel, freeze_encoder)."""
+    """(adapter name for SegModel, freeze_encoder). ``name@label`` is method ``name`` under a row label of its
+    own (its options in ``method_kwargs["name@label"]``), e.g. ``salt@official`` and ``salt@budget``."""
+    method = method.split("@", 1)[0]
     if method == "frozen":
         return None, True
     if method == "full":

@@ -216,3 +216,19 @@ def test_seg_compare_with_snella_runs_its_budget_competition(glas_manifest, tmp_
     assert len(seen) == 1
     assert len(seen[0]) == 6
     assert max(seen[0]) - min(seen[0]) > 0.05
+
+
+def test_compare_rows_can_label_one_method_at_several_settings(tmp_path):
+    """``name@label`` is method ``name`` with the options under that label (a method at its official settings
+    and at an equal budget); ``rank: null`` leaves the method's own default."""
+    from pathopeft.seg.compare import build_model
+
+    cfg = CompareConfig(
+        manifest="unused.csv", out_dir=str(tmp_path), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, rank=2,
+        method_kwargs={"lora@r4": {"rank": 4}, "salt@official": {"rank": None}},
+    )  # fmt: skip
+    small, large = build_model(cfg, "lora", 0), build_model(cfg, "lora@r4", 0)
+    assert large.n_trainable() > small.n_trainable()
+    official = build_model(cfg, "salt@official", 0).encoder.peft_config["default"]
+    assert official.r is None  # top 10 % of the singular values, the official default
