@@ -52,6 +52,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     """Every entry of ``ADAPTERS`` with its backend and capabilities: the list is the registry, never typed here."""
     from pathopeft.adapters import ADAPTERS
 
+    width = max(len(n) for n in ADAPTERS)
     for name in ADAPTERS:
         entry = ADAPTERS.entry(name)
         caps = entry.caps
@@ -61,7 +62,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
         notes += [] if caps["identity_at_init"] else ["not identity at init"]
         layers = "linear+conv" if caps["conv"] else "linear only"
         extra = f" [{'; '.join(notes)}]" if notes else ""
-        print(f"{name:8s} {caps['backend']:10s} {layers:11s}  {entry.obj.summary}{extra}")
+        print(f"{name:{width}s} {caps['backend']:10s} {layers:11s}  {entry.obj.summary}{extra}")
     print("other PEFT methods by their PEFT name (waveft, miss, randlora, vera, ia3, …) with their own keywords")
     return 0
 
