@@ -58,7 +58,8 @@ def _add_wsi_job_args(p: argparse.ArgumentParser, features: bool) -> None:
         )
         e.add_argument("--adapter", help="PEFT adapter folder to merge into the backbone before extraction")
         e.add_argument("--batch-size", type=int, help="tiles per forward pass (default 64)")
-        e.add_argument("--workers", type=int, help="DataLoader workers decoding tiles (default 2)")
+        e.add_argument("--workers", type=int, help="DataLoader worker processes reading tile batches (default 2)")
+        e.add_argument("--read-threads", type=int, help="decoder threads per reading process (default 1)")
         e.add_argument("--device", help="cuda | cuda:1 | cpu (default: cuda if available)")
         e.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast on CUDA (default auto)")
         e.add_argument(
@@ -102,7 +103,7 @@ def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
     }  # fmt: skip
     if features:
         names = {"backbone": "backbone", "weights": "weights", "backbone_kwargs": "backbone_kwargs",
-                 "adapter": "adapter", "batch_size": "batch_size", "workers": "num_workers", "device": "device",
+                 "adapter": "adapter", "batch_size": "batch_size", "workers": "num_workers", "read_threads": "read_threads", "device": "device",
                  "precision": "precision", "skip_bad_tiles": "skip_bad_tiles"}  # fmt: skip
         flags.update({f"extract.{key}": getattr(args, flag) for flag, key in names.items()})
     cfg = load_batch_config(args.config, flags)  # None values are "not given": the YAML's or the default stays

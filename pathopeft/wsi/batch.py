@@ -120,12 +120,13 @@ def process_slide(
             feats, coords = extract_features(
                 entry.path, grid, backbone, batch_size=e.batch_size, num_workers=e.num_workers, device=e.device,
                 precision=e.precision, skip_bad_tiles=e.skip_bad_tiles,
-                on_batch=(progress.update if progress is not None else None),
+                on_batch=(progress.update if progress is not None else None), read_threads=e.read_threads,
             )  # fmt: skip
             timings["extract_s"] = time.perf_counter() - t1
             h5io.write_features(
                 paths.features, feats, coords, coords_meta,
-                {**root_meta, "params_hash": hashes[1], "encoder": backbone.name,
+                {**root_meta, "params_hash": hashes[1], "encoder": backbone.name, "reader": slide.backend,
+                 "resample_filter": slide.resample_filter(grid.choice.level, grid.read_px, grid.tile_px),
                  "encoder_weights": backbone.weights or "random-init", "feature_dim": backbone.dim},
             )  # fmt: skip
             record.update(n_features=len(feats), feature_dim=backbone.dim, encoder=backbone.name)

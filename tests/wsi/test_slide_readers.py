@@ -44,9 +44,10 @@ def toy_reader() -> Iterator[str]:
 
 
 def test_builtin_readers_by_suffix() -> None:
-    assert list(SLIDE_READERS) == ["openslide", "tifffile"]
-    assert readers_for("a.svs") == ["openslide"]
-    assert readers_for("a.TIFF") == ["openslide", "tifffile"]
+    assert list(SLIDE_READERS) == ["openslide", "tifffile", "tiff-direct"]
+    assert readers_for("a.svs") == ["tiff-direct", "openslide"]  # tiles read directly where it applies
+    assert readers_for("a.TIFF") == ["tiff-direct", "openslide", "tifffile"]
+    assert readers_for("a.ndpi") == ["openslide"]
 
 
 def test_a_registered_reader_opens_its_files_and_is_recorded(toy_reader: str, tmp_path: Path) -> None:
