@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import cv2
 import numpy as np
 
 from pathopeft.registry import Registry
@@ -52,8 +53,12 @@ def _disk_radius_px(size_um: float, mpp: float) -> int:
 class OtsuTissueDetector:
     """HSV saturation → median blur → Otsu (or fixed) threshold → closing → area filters in µm².
 
+    OpenCV throughout (uint8 saturation, median blur, elliptical closing, connected components for the µm²
+    filters): tens of milliseconds at 8 µm/px on a 30k² slide, where the same recipe in scikit-image (float64
+    HSV, disk median) took seconds.
+
     Args:
-        mpp: working resolution in µm/px (4 µm/px ≈ a 1/8 thumbnail of a 0.5 µm/px scan).
+        mpp: working resolution in µm/px (8 µm/px ≈ a 1/16 thumbnail of a 0.5 µm/px scan).
         threshold: fixed saturation threshold in 0..255, or ``None`` for Otsu.
         min_saturation: floor under the Otsu threshold, so an empty (all-background) slide does not get
             half of its noise labelled tissue.
@@ -63,7 +68,7 @@ class OtsuTissueDetector:
         max_hole_area_um2: holes smaller than this are filled; larger holes stay holes (lumens, tears).
     """
 
-    mpp: float = 4.0
+    mpp: float = 8.0
     threshold: int | None = None
     min_saturation: int = 15
     median_um: float = 30.0
@@ -82,27 +87,38 @@ class OtsuTissueDetector:
         return asdict(self)
 
     def detect(self, image: np.ndarray, mpp: float) -> np.ndarray:
-        from skimage import color, filters, morphology
-
         if image.size == 0:
             return np.zeros(image.shape[:2], dtype=bool)
-        sat = (color.rgb2hsv(image[..., :3])[..., 1] * 255).astype(np.uint8)
+        sat = cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2HSV)[..., 1]  # (max−min)/max·255
         r = _disk_radius_px(self.median_um, mpp)
         if r > 0:
-            sat = filters.median(sat, morphology.disk(r))
+            sat = cv2.medianBlur(np.ascontiguousarray(sat), 2 * r + 1)
         if self.threshold is not None:
             thr = self.threshold
+        elif sat.min() == sat.max():
+            thr = 255
         else:
-            thr = filters.threshold_otsu(sat) if sat.min() != sat.max() else 255
-            thr = max(thr, self.min_saturation)
-        mask = sat > thr
+            thr = max(int(cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)[0]), self.min_saturation)
+        mask = (sat > thr).astype(np.uint8)
         r = _disk_radius_px(self.closing_um, mpp)
         if r > 0:
-            mask = morphology.closing(mask, morphology.disk(r))
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+            pad = cv2.copyMakeBorder(mask, r, r, r, r, cv2.BORDER_CONSTANT, value=0)  # no tissue beyond the slide
+            mask = cv2.morphologyEx(pad, cv2.MORPH_CLOSE, disk)[r:-r, r:-r]
         px_area = mpp * mpp
-        mask = morphology.remove_small_objects(mask, max_size=max(0, int(self.min_tissue_area_um2 / px_area) - 1))
-        mask = morphology.remove_small_holes(mask, max_size=max(0, int(self.max_hole_area_um2 / px_area) - 1))
+        mask = _drop_small_components(mask, int(self.min_tissue_area_um2 / px_area))
+        holes = _drop_small_components(1 - mask, int(self.max_hole_area_um2 / px_area))
+        return holes == 0
+
+
+def _drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """``mask`` (uint8 0/1) without its 4-connected components of fewer than ``min_px`` pixels."""
+    if min_px <= 1 or not mask.any():
         return mask
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False  # label 0 is the background of this mask
+    return keep[labels].astype(np.uint8)
 
 
 def create_detector(name: str = "otsu", **params: Any) -> TissueDetector:

@@ -150,3 +150,40 @@ def test_polygons_rasterise_back_to_mask():
     raster = np.asarray(canvas).astype(bool)
     iou = (raster & mask).sum() / (raster | mask).sum()
     assert iou > 0.97
+
+
+def _skimage_recipe(image: np.ndarray, mpp: float, d: OtsuTissueDetector) -> np.ndarray:
+    """The same recipe as the detector before it moved to OpenCV (float HSV, disk median, skimage morphology):
+    the reference its masks are held to."""
+    from skimage import color, filters, morphology
+
+    sat = (color.rgb2hsv(image[..., :3])[..., 1] * 255).astype(np.uint8)
+    r = max(0, round(d.median_um / mpp / 2))
+    sat = filters.median(sat, morphology.disk(r)) if r else sat
+    thr = max(filters.threshold_otsu(sat), d.min_saturation) if sat.min() != sat.max() else 255
+    mask = sat > thr
+    r = max(0, round(d.closing_um / mpp / 2))
+    mask = morphology.closing(mask, morphology.disk(r)) if r else mask
+    px = mpp * mpp
+    mask = morphology.remove_small_objects(mask, max_size=max(0, int(d.min_tissue_area_um2 / px) - 1))
+    return morphology.remove_small_holes(mask, max_size=max(0, int(d.max_hole_area_um2 / px) - 1))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(("name", "mpp"), [("CMU-1-Small-Region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.25)])
+def test_opencv_masks_agree_with_the_skimage_recipe(slides_dir, name, mpp):
+    """Stated tolerance: IoU ≥ 0.97 against the scikit-image recipe at the same 4 µm/px, ≥ 0.93 at the new
+    default 8 µm/px (measured 0.977/0.993 and 0.954/0.984 on these two slides)."""
+    import cv2
+
+    from pathopeft.wsi.slide import open_slide, read_at_mpp
+
+    slide = open_slide(slides_dir / name, mpp=mpp)
+    img4, ds4 = read_at_mpp(slide, 4.0)
+    reference = _skimage_recipe(img4, slide.mpp * ds4, OtsuTissueDetector(mpp=4.0))
+    assert reference.mean() > 0.2
+    for work_mpp, floor in ((4.0, 0.97), (8.0, 0.93)):
+        img, ds = read_at_mpp(slide, work_mpp)
+        mask = OtsuTissueDetector(mpp=work_mpp).detect(img, slide.mpp * ds)
+        up = cv2.resize(mask.astype(np.uint8), reference.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+        assert (up & reference).sum() / (up | reference).sum() >= floor
