@@ -110,6 +110,16 @@ class Slide(ABC):
             out[k] = tile
         return out, ok
 
+    def read_region_reduced(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], scale: int
+    ) -> np.ndarray:
+        """``read_region`` shrunk ``scale`` times (area filter); readers that decode at reduced size override it."""
+        region = self.read_region(location, level, size)
+        if scale == 1:
+            return region
+        h, w = region.shape[:2]
+        return np.asarray(Image.fromarray(region).resize((-(-w // scale), -(-h // scale)), Image.BOX))
+
     def resample_filter(self, level: int, read_px: int, out_px: int) -> str:
         """The filter :meth:`read_tiles` shrinks with (recorded in the feature files' attributes)."""
         return "none" if read_px == out_px else "pil-bilinear-reducing-gap-2"
@@ -375,12 +385,14 @@ def read_at_mpp(
     lw, lh = slide.level_dimensions[choice.level]
     out_w = max(1, round(lw / choice.resize_factor))
     out_h = max(1, round(lh / choice.resize_factor))
+    # shrink in the decoder first where the reader can (8, 4 or 2 times), then the rest with a box filter
+    reduce = max([s for s in (8, 4, 2) if s <= choice.resize_factor and strip_px % s == 0], default=1)
     strips = []
     for y in range(0, lh, strip_px):
         h = min(strip_px, lh - y)
         y0 = round(y * choice.level_downsample)
         try:
-            strip = slide.read_region((0, y0), choice.level, (lw, h))
+            strip = slide.read_region_reduced((0, y0), choice.level, (lw, h), reduce)
         except SlideError:
             slide.reopen()
             strip = _read_strip_by_blocks(

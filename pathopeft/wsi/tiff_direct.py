@@ -215,6 +215,24 @@ class DirectTiffSlide(Slide):
         self._paste(out, level, x, y, 1)
         return out
 
+    def read_region_reduced(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], scale: int
+    ) -> np.ndarray:
+        """``read_region`` shrunk by ``scale``: decoded at 1/``scale`` on JPEG levels (a thumbnail of a 30k² slide
+        decodes 1/64 of its pixels at scale 8), else read in full and area-resized."""
+        lv = self._levels[level]
+        ds = self.level_downsamples[level]
+        x, y = round(int(location[0]) / ds), round(int(location[1]) / ds)
+        w, h = int(size[0]), int(size[1])
+        ok = (
+            lv.jpeg and scale in JPEG_SCALES and not (x % scale or y % scale or lv.tile_w % scale or lv.tile_h % scale)
+        )
+        if not ok:
+            return super().read_region_reduced(location, level, size, scale)
+        out = np.empty((-(-h // scale), -(-w // scale), 3), np.uint8)
+        self._paste(out, level, x, y, scale)
+        return out
+
     def decode_scale(self, level: int, read_px: int, out_px: int) -> int:
         """The DCT scale that turns ``read_px`` level pixels into ``out_px`` (1 when none applies exactly)."""
         lv = self._levels[level]

@@ -162,3 +162,18 @@ def test_openslide_read_tiles_is_the_old_region_by_region_path(jpeg_pyramid):
         region = osr.read_region((int(x), int(y)), 0, (256, 256))
         expected = np.asarray(Image.fromarray(region).resize((128, 128), Image.BILINEAR, reducing_gap=2.0))
         np.testing.assert_array_equal(tiles[k], expected)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_reduced_region_decodes_small_and_stays_close_to_an_area_filter(jpeg_pyramid, scale, monkeypatch):
+    """What tissue detection reads: 1/scale of the pixels decoded (the DCT-scaled tiles), an area-like result."""
+    slide = DirectTiffSlide(jpeg_pyramid)
+    scales: list[int] = []
+    real = slide._decode
+    monkeypatch.setattr(slide, "_decode", lambda lv, i, s: scales.append(s) or real(lv, i, s))
+    small = slide.read_region_reduced((0, 0), 0, (1234, 1000), scale)
+    assert set(scales) == {scale}
+    full = slide.read_region((0, 0), 0, (1234, 1000))
+    area = cv2.resize(full, small.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert small.shape[:2] == (-(-1000 // scale), -(-1234 // scale))
+    assert np.abs(small.astype(int) - area).mean() < 2.0
