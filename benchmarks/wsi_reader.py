@@ -108,14 +108,14 @@ def read_naive(path: Path, grid: TileGrid) -> np.ndarray:
     return out
 
 
-def read_batches(path: Path, grid: TileGrid, reader: str, threads: int = 1, batch: int = 64) -> np.ndarray:
+def read_batches(path: Path, grid: TileGrid, reader: str, threads: int = 1, batch: int = 64) -> list:
     """pathopeft's TileBatches with a chosen reader (``openslide``: the previous path; ``tiff-direct``)."""
     ds = TileBatches(path, grid, batch_size=batch, read_threads=threads)
     ds._slide = OpenSlideSlide(path) if reader == "openslide" else DirectTiffSlide(path, threads=threads)
     ds._owner = os.getpid()
-    out = np.concatenate([ds[b][0].permute(0, 2, 3, 1).numpy() for b in range(len(ds))])
+    batches = [ds[b][0] for b in range(len(ds))]  # what extraction gets: one uint8 tensor per batch
     ds._slide.close()
-    return out
+    return batches
 
 
 def decode_limit(path: Path, grid: TileGrid, scale: int) -> tuple[float, float]:
@@ -221,7 +221,8 @@ def run(path: Path, label: str, mpp: float | None, args: argparse.Namespace) -> 
         limit_note = (
             f"tiff-direct (1 thread) at {100 * direct / (scaled / per_tile):.0f} % of the DCT-scaled decode limit. "
         )
-    new, old = read_batches(path, grid, "tiff-direct"), read_batches(path, grid, "openslide")
+    new = np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in read_batches(path, grid, "tiff-direct")])
+    old = np.concatenate([b.permute(0, 2, 3, 1).numpy() for b in read_batches(path, grid, "openslide")])
     diff = np.abs(new.astype(int) - old)
     tissue = [best(lambda: tissue_new(path), args.rounds), best(lambda: tissue_old(path), args.rounds)]
     return [

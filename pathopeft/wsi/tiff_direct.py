@@ -193,10 +193,11 @@ class DirectTiffSlide(Slide):
         """Fill ``out`` (h, w, 3) with the level-pixel region at (x, y) decoded at 1/``scale``; white outside."""
         lv = self._levels[level]
         h, w = out.shape[:2]
-        out.fill(255)
         tw, th = lv.tile_w // scale, lv.tile_h // scale
         sx, sy = x // scale, y // scale  # the region's origin in scaled pixels (x, y multiples of scale)
         lw, lh = -(-lv.width // scale), -(-lv.height // scale)
+        if sx < 0 or sy < 0 or sx + w > lw or sy + h > lh:
+            out.fill(255)  # only a region reaching past the level needs background
         for index in self._tiles_for(level, x, y, w * scale, h * scale):
             r, c = divmod(index, lv.across)
             tile = self._tile(level, index, scale)
