@@ -1,11 +1,12 @@
 """WSI extraction throughput against the bare model, in the same run: does the slide reader keep the GPU fed?
 
-On a generated JPEG pyramid (H&E-like discs, 0.25 µm/px, downsamples 1/2/4/8: a 40×-like scan, so a 0.5 µm/px
-target is the 2× level), this prints one Markdown table:
+On a generated JPEG pyramid (H&E-like discs, 0.25 µm/px, Aperio-like downsamples 1/4/16/64: a 40×-like scan, so
+a 0.5 µm/px target reads level 0 and shrinks it 2×, in the JPEG decoder), this prints one Markdown table:
 
 * **bare model**: :meth:`pathopeft.backbones.Backbone.embed` on random uint8 tiles already on the device
   (bf16 autocast on CUDA) — the ceiling;
-* **extract_features** with 0…N DataLoader workers — the whole path (decode, resize, pin, transfer, embed);
+* **extract_features** with W DataLoader worker processes × T decoder threads each — the whole path (decode,
+  shrink, pin, transfer, embed);
 * their ratio (1.0 = the reader is never the bottleneck).
 
 Usage::
@@ -48,7 +49,9 @@ def synthetic_slide(folder: Path, size: int, seed: int = 0) -> Path:
         img[disc] = (205, 120, 175)
     speckle = rng.random((size, size)) < 0.02
     img[speckle] = (80, 40, 130)
-    return write_pyramid(img, folder / "synthetic.tiff", mpp=0.25, levels=4, tile=256, compression="jpeg")
+    return write_pyramid(
+        img, folder / "synthetic.tiff", mpp=0.25, tile=256, compression="jpeg", downsamples=(1, 4, 16, 64)
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -77,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpp", type=float, default=0.5, help="target µm/px")
     p.add_argument("--tile-px", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 4, 8, 15])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["0:1", "0:8", "0:15", "4:3", "8:2"],
+        help="workers:read_threads pairs to measure",
+    )
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seconds", type=float, default=10.0, help="duration of the bare-model measurement")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
@@ -94,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         bb.model.to(device).eval()
         bare = bare_tiles_per_s(bb, device, args.batch_size, args.tile_px, args.precision, args.seconds)
         rows = []
-        for w in args.workers:
+        for spec in args.configs:
+            w, t = (int(v) for v in spec.split(":"))
             _sync(device)
             t1 = time.perf_counter()
-            feats, _ = extract_features(slide_path, grid, bb, args.batch_size, w, device, args.precision)
+            feats, _ = extract_features(
+                slide_path, grid, bb, args.batch_size, w, device, args.precision, read_threads=t
+            )
             _sync(device)
             rate = len(feats) / (time.perf_counter() - t1)
-            rows.append((w, rate))
+            rows.append((f"{w} × {t}", rate))
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     lines = [
         (
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             f"slide + tissue + grid {setup_s:.1f} s."
         ),
         "",
-        "| path | workers | tiles/s | × bare model |",
+        "| path | workers × threads | tiles/s | × bare model |",
         "|---|---:|---:|---:|",
         f"| bare model (`Backbone.embed` on device tensors) | – | {bare:.0f} | 1.00 |",
         *(f"| `extract_features` | {w} | {r:.0f} | {r / bare:.2f} |" for w, r in rows),

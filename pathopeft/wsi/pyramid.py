@@ -21,10 +21,12 @@ def write_pyramid(
     levels: int = 4,
     tile: int = 256,
     compression: str = "zlib",
+    downsamples: tuple[int, ...] | None = None,
 ) -> Path:
     """Write ``image`` (H, W, 3 uint8) with ``levels`` levels, each half the size of the previous one.
 
-    Returns the path. Level k has downsample 2**k (rounded to whole pixels).
+    Returns the path. Level k has downsample 2**k (rounded to whole pixels), or ``downsamples[k]`` when given
+    (``(1, 4, 16, 64)``: Aperio-like, no 2× level, as in real 40× scans).
     """
     import tifffile
 
@@ -35,8 +37,7 @@ def write_pyramid(
     path = Path(path)
     h, w = image.shape[:2]
     with tifffile.TiffWriter(path) as tw:
-        for k in range(levels):
-            ds = 2**k
+        for k, ds in enumerate(downsamples or [2**k for k in range(levels)]):
             lw, lh = max(1, round(w / ds)), max(1, round(h / ds))
             arr = image if k == 0 else np.asarray(Image.fromarray(image).resize((lw, lh), Image.BOX))
             level_mpp = mpp * w / lw
