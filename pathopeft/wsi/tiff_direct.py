@@ -332,10 +332,15 @@ def _decode_jpeg(data: bytes, tables: bytes, rgb: bool, scale: int) -> np.ndarra
         4: cv2.IMREAD_REDUCED_COLOR_4,
         8: cv2.IMREAD_REDUCED_COLOR_8,
     }
-    bgr = cv2.imdecode(np.frombuffer(stream, np.uint8), flag[scale])
-    if bgr is None:
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11: libjpeg writes RGB, no conversion pass
+    if rgb_flag is not None:
+        image = cv2.imdecode(np.frombuffer(stream, np.uint8), (flag[scale] & ~cv2.IMREAD_COLOR) | rgb_flag)
+    else:
+        image = cv2.imdecode(np.frombuffer(stream, np.uint8), flag[scale])
+        image = None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image is None:
         raise SlideError("libjpeg could not decode the tile")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def _check_jpeg_structure(stream: bytes) -> None:
