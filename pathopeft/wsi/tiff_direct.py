@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pathopeft.wsi.slide import SLIDE_READERS, Slide, SlideError, _tiff_page_properties
+from pathopeft.wsi.slide_base import SLIDE_READERS, Slide, SlideError, _tiff_page_properties
 
 #: The DCT scaling factors libjpeg offers (OpenCV's IMREAD_REDUCED_COLOR_2/4/8).
 JPEG_SCALES = (1, 2, 4, 8)
