@@ -130,7 +130,7 @@ class SnellaDelta(Delta):
             def branch(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *mix: torch.Tensor) -> torch.Tensor:
                 dw = self._delta(a, b, *mix).to(h.dtype).view_as(base.weight)
                 if isinstance(base, nn.Conv2d):
-                    return F.conv2d(h, dw, None, base.stride, base.padding, base.dilation, base.groups)
+                    return base._conv_forward(h, dw, None)  # its padding mode, stride, groups …
                 return F.linear(h, dw)
 
             return base(x) + self.drop_path(run(branch, self.drop(x), self.a, self.b, *mix, use_reentrant=False))
