@@ -189,8 +189,18 @@ class DirectTiffSlide(Slide):
         cols = range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1)
         return [r * lv.across + c for r in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1) for c in cols]
 
-    def _paste(self, out: np.ndarray, level: int, x: int, y: int, scale: int) -> None:
-        """Fill ``out`` (h, w, 3) with the level-pixel region at (x, y) decoded at 1/``scale``; white outside."""
+    def _paste(
+        self,
+        out: np.ndarray,
+        level: int,
+        x: int,
+        y: int,
+        scale: int,
+        tiles: dict[int, np.ndarray] | None = None,
+        indices: list[int] | None = None,
+    ) -> None:
+        """Fill ``out`` (h, w, 3) with the level-pixel region at (x, y) decoded at 1/``scale``; white outside.
+        ``tiles`` / ``indices``: the decoded tiles and the region's tile indices when the caller has them."""
         lv = self._levels[level]
         h, w = out.shape[:2]
         tw, th = lv.tile_w // scale, lv.tile_h // scale
@@ -198,9 +208,9 @@ class DirectTiffSlide(Slide):
         lw, lh = -(-lv.width // scale), -(-lv.height // scale)
         if sx < 0 or sy < 0 or sx + w > lw or sy + h > lh:
             out.fill(255)  # only a region reaching past the level needs background
-        for index in self._tiles_for(level, x, y, w * scale, h * scale):
+        for index in indices if indices is not None else self._tiles_for(level, x, y, w * scale, h * scale):
             r, c = divmod(index, lv.across)
-            tile = self._tile(level, index, scale)
+            tile = tiles[index] if tiles is not None else self._tile(level, index, scale)
             ty0, tx0 = r * th, c * tw
             y0, y1 = max(sy, ty0), min(sy + h, ty0 + th, lh)
             x0, x1 = max(sx, tx0), min(sx + w, tx0 + tw, lw)
@@ -259,17 +269,17 @@ class DirectTiffSlide(Slide):
         origins = [(round(int(cx) / ds), round(int(cy) / ds)) for cx, cy in coords]
         if scale > 1 and any(x % scale or y % scale for x, y in origins):
             scale = 1  # DCT-scaled pixels start on multiples of the scale: off that lattice, decode fully
-        needed = dict.fromkeys(i for x, y in origins for i in self._tiles_for(level, x, y, read_px, read_px))
-        bad = self._warm(level, list(needed), scale)
+        touched = [self._tiles_for(level, x, y, read_px, read_px) for x, y in origins]
+        tiles, bad = self._warm(level, list(dict.fromkeys(i for t in touched for i in t)), scale)
         block = np.empty((read_px, read_px, 3), np.uint8) if scale == 1 and read_px != out_px else None
         for k, (x, y) in enumerate(origins):
-            if bad and bad.keys() & set(self._tiles_for(level, x, y, read_px, read_px)):
+            if bad and not bad.keys().isdisjoint(touched[k]):
                 ok[k] = False
                 out[k] = 0
             elif block is None:
-                self._paste(out[k], level, x, y, scale)
+                self._paste(out[k], level, x, y, scale, tiles, touched[k])
             else:
-                self._paste(block, level, x, y, 1)
+                self._paste(block, level, x, y, 1, tiles, touched[k])
                 out[k] = _area(block, out_px, out_px)
         return out, ok
 
@@ -282,13 +292,18 @@ class DirectTiffSlide(Slide):
             else "area"
         )
 
-    def _warm(self, level: int, indices: Sequence[int], scale: int) -> dict[int, SlideError]:
-        """Decode ``indices`` into the cache (threads in parallel); returns the tiles that failed."""
+    def _warm(
+        self, level: int, indices: Sequence[int], scale: int
+    ) -> tuple[dict[int, np.ndarray], dict[int, SlideError]]:
+        """Decode ``indices`` (threads in parallel; the cache first): the decoded tiles, and those that failed.
+
+        The batch holds its own references, so a cache smaller than one batch never decodes a tile twice."""
+        tiles: dict[int, np.ndarray] = {}
         bad: dict[int, SlideError] = {}
 
         def one(i: int) -> None:
             try:
-                self._tile(level, i, scale)
+                tiles[i] = self._tile(level, i, scale)
             except SlideError as e:
                 bad[i] = e
 
@@ -299,7 +314,7 @@ class DirectTiffSlide(Slide):
         else:
             for i in indices:
                 one(i)
-        return bad
+        return tiles, bad
 
     def reopen(self) -> None:
         """Nothing to reset: a failed tile leaves the handle usable (its error is per tile)."""
