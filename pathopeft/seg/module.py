@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from pathopeft.errors import UserError
 from pathopeft.seg.metrics import DiceIoU, one_hot  # noqa: F401 - one_hot re-exported for callers
 from pathopeft.seg.model import SegModel
+
+log = logging.getLogger(__name__)
 
 TRAINABLE_ONLY = "pathopeft_trainable_only"  # checkpoint flag: the state dict lacks the frozen encoder
 
@@ -132,7 +135,17 @@ class SegModule(pl.LightningModule):
             self.log("train/adapter_reg", reg, batch_size=batch["image"].shape[0])
             loss = loss + reg
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        bad = (~torch.isfinite(loss.detach())).to(torch.int64)  # counted on the device: no sync per step
+        self.nonfinite_steps = bad if getattr(self, "nonfinite_steps", None) is None else self.nonfinite_steps + bad
         return loss
+
+    def on_train_end(self) -> None:
+        """Say so when training diverged (a non-finite loss), instead of leaving an all-background model silent."""
+        n = int(self.nonfinite_steps) if getattr(self, "nonfinite_steps", None) is not None else 0
+        if n:
+            log.warning(
+                "training diverged: %d of %d steps had a non-finite loss (lr %g)", n, self.global_step, self.lr
+            )
 
     # --- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -510,3 +510,15 @@ def test_train_norms_adds_the_norms_and_position_embeddings_to_every_method(adap
     assert with_norms.n_trainable() > base.n_trainable()
     rebuilt = SegModel(**with_norms.config)  # the switch is in the config, so a checkpoint rebuilds it
     rebuilt.load_trainable_state_dict(with_norms.trainable_state_dict())
+
+
+def test_a_diverged_fit_is_counted_and_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-finite training loss (here: NaN pixels) is counted on the device and reported at the end, so a
+    comparison can tell a diverged run from a bad method (seg compare records ``nonfinite_steps``)."""
+    module = SegModule(build("vit", "lora", decoder_channels=16), lr=1e-2)
+    batch = batch_for("vit")
+    batch["image"] = batch["image"].float() * float("nan")
+    with caplog.at_level("WARNING", logger="pathopeft.seg.module"):
+        _fit_one_step(module, batch, tmp_path)
+    assert int(module.nonfinite_steps) == 1
+    assert "training diverged: 1 of 1 steps had a non-finite loss" in caplog.text
