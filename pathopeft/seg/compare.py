@@ -135,7 +135,7 @@ def fit_one(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataMo
     return {
         "model": model, "method": method, "lr": lr, "seed": seed, "s_per_step": seconds / max(1, trainer.global_step),
         "peak_mib": peak, "trainable": model.n_trainable(), "total": model.n_total(),
-        "nonfinite_steps": int(module.nonfinite_steps) if getattr(module, "nonfinite_steps", None) is not None else 0,
+        "nonfinite_steps": module.nonfinite_steps,
     }  # fmt: skip
 
 

@@ -92,6 +92,7 @@ class SegModule(pl.LightningModule):
         bf16: bool = True,
     ) -> None:
         super().__init__()
+        self._nonfinite: torch.Tensor | None = None  # non-finite training losses, counted on the device
         if isinstance(model, SegModel):
             self.model = model
         else:
@@ -136,12 +137,17 @@ class SegModule(pl.LightningModule):
             loss = loss + reg
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         bad = (~torch.isfinite(loss.detach())).to(torch.int64)  # counted on the device: no sync per step
-        self.nonfinite_steps = bad if getattr(self, "nonfinite_steps", None) is None else self.nonfinite_steps + bad
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         return loss
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Training steps whose loss was not finite (0 before training)."""
+        return int(self._nonfinite) if self._nonfinite is not None else 0
 
     def on_train_end(self) -> None:
         """Say so when training diverged (a non-finite loss), instead of leaving an all-background model silent."""
-        n = int(self.nonfinite_steps) if getattr(self, "nonfinite_steps", None) is not None else 0
+        n = self.nonfinite_steps
         if n:
             log.warning(
                 "training diverged: %d of %d steps had a non-finite loss (lr %g)", n, self.global_step, self.lr

@@ -126,7 +126,7 @@ def process_slide(
             h5io.write_features(
                 paths.features, feats, coords, coords_meta,
                 {**root_meta, "params_hash": hashes[1], "encoder": backbone.name, "reader": slide.backend,
-                 "resample_filter": slide.resample_filter(grid.choice.level, grid.read_px, grid.tile_px),
+                 "resample_filter": slide.resample_filter(grid.choice.level, grid.read_px, grid.tile_px, grid.coords),
                  "encoder_weights": backbone.weights or "random-init", "feature_dim": backbone.dim},
             )  # fmt: skip
             record.update(n_features=len(feats), feature_dim=backbone.dim, encoder=backbone.name)

@@ -118,10 +118,6 @@ class TileBatches(Dataset):
             self._owner = owner
         return self._slide
 
-    def resample_filter(self) -> str:
-        """How tiles are shrunk from ``read_px`` to ``tile_px`` (recorded in the feature file)."""
-        return self.handle().resample_filter(self.level, self.read_px, self.tile_px)
-
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.coords))
         shape = (hi - lo, self.tile_px, self.tile_px, 3)

@@ -116,8 +116,9 @@ class Slide(ABC):
         h, w = region.shape[:2]
         return np.asarray(Image.fromarray(region).resize((-(-w // scale), -(-h // scale)), Image.BOX))
 
-    def resample_filter(self, level: int, read_px: int, out_px: int) -> str:
-        """The filter :meth:`read_tiles` shrinks with (recorded in the feature files' attributes)."""
+    def resample_filter(self, level: int, read_px: int, out_px: int, coords: np.ndarray | None = None) -> str:
+        """The filter :meth:`read_tiles` shrinks tiles at level-0 ``coords`` with (recorded in the feature files'
+        attributes; a reader whose filter depends on where tiles start uses ``coords``)."""
         return "none" if read_px == out_px else "pil-bilinear-reducing-gap-2"
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:

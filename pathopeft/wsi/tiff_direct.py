@@ -220,8 +220,7 @@ class DirectTiffSlide(Slide):
     # --- the Slide interface -----------------------------------------------------------------------------
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         w, h = int(size[0]), int(size[1])
-        ds = self.level_downsamples[level]
-        x, y = round(int(location[0]) / ds), round(int(location[1]) / ds)
+        x, y = self._level_xy(location, level)
         out = np.empty((h, w, 3), np.uint8)
         self._paste(out, level, x, y, 1)
         return out
@@ -231,26 +230,41 @@ class DirectTiffSlide(Slide):
     ) -> np.ndarray:
         """``read_region`` shrunk by ``scale``: decoded at 1/``scale`` on JPEG levels (a thumbnail of a 30k² slide
         decodes 1/64 of its pixels at scale 8), else read in full and area-resized."""
-        lv = self._levels[level]
-        ds = self.level_downsamples[level]
-        x, y = round(int(location[0]) / ds), round(int(location[1]) / ds)
+        x, y = self._level_xy(location, level)
         w, h = int(size[0]), int(size[1])
-        ok = (
-            lv.jpeg and scale in JPEG_SCALES and not (x % scale or y % scale or lv.tile_w % scale or lv.tile_h % scale)
-        )
-        if not ok:
+        if not self._dct_applies(level, scale, [(x, y)]):
             return super().read_region_reduced(location, level, size, scale)
         out = np.empty((-(-h // scale), -(-w // scale), 3), np.uint8)
         self._paste(out, level, x, y, scale)
         return out
 
-    def decode_scale(self, level: int, read_px: int, out_px: int) -> int:
-        """The DCT scale that turns ``read_px`` level pixels into ``out_px`` (1 when none applies exactly)."""
+    def _dct_applies(self, level: int, scale: int, origins: Sequence[tuple[int, int]] = ()) -> bool:
+        """libjpeg can shrink ``level`` by ``scale``: a JPEG level, tiles divisible by it, and every region
+        starting on its lattice (DCT-scaled pixels start on multiples of the scale)."""
         lv = self._levels[level]
-        for s in JPEG_SCALES[1:]:
-            if lv.jpeg and read_px == out_px * s and lv.tile_w % s == 0 and lv.tile_h % s == 0:
-                return s
-        return 1
+        return (
+            lv.jpeg
+            and scale in JPEG_SCALES[1:]
+            and not (lv.tile_w % scale or lv.tile_h % scale)
+            and not any(x % scale or y % scale for x, y in origins)
+        )
+
+    def _level_xy(self, location: Sequence[int], level: int) -> tuple[int, int]:
+        """Level-0 ``location`` as the nearest pixel of ``level``."""
+        ds = self.level_downsamples[level]
+        return round(int(location[0]) / ds), round(int(location[1]) / ds)
+
+    def decode_scale(self, level: int, read_px: int, out_px: int, coords: np.ndarray | None = None) -> int:
+        """The DCT scale that turns ``read_px`` level pixels into ``out_px`` for tiles at level-0 ``coords``
+        (1 when none applies exactly)."""
+        origins = [self._level_xy(c, level) for c in coords] if coords is not None else ()
+        return self._scale(level, read_px, out_px, origins)
+
+    def _scale(self, level: int, read_px: int, out_px: int, origins: Sequence[tuple[int, int]]) -> int:
+        if out_px <= 0 or read_px % out_px:
+            return 1
+        scale = read_px // out_px
+        return scale if self._dct_applies(level, scale, origins) else 1
 
     def read_tiles(
         self, coords: np.ndarray, level: int, read_px: int, out_px: int, out: np.ndarray | None = None
@@ -264,11 +278,8 @@ class DirectTiffSlide(Slide):
         n = len(coords)
         out = np.empty((n, out_px, out_px, 3), np.uint8) if out is None else out
         ok = np.ones(n, dtype=bool)
-        scale = self.decode_scale(level, read_px, out_px)
-        ds = self.level_downsamples[level]
-        origins = [(round(int(cx) / ds), round(int(cy) / ds)) for cx, cy in coords]
-        if scale > 1 and any(x % scale or y % scale for x, y in origins):
-            scale = 1  # DCT-scaled pixels start on multiples of the scale: off that lattice, decode fully
+        origins = [self._level_xy(c, level) for c in coords]
+        scale = self._scale(level, read_px, out_px, origins)
         touched = [self._tiles_for(level, x, y, read_px, read_px) for x, y in origins]
         tiles, bad = self._warm(level, list(dict.fromkeys(i for t in touched for i in t)), scale)
         block = np.empty((read_px, read_px, 3), np.uint8) if scale == 1 and read_px != out_px else None
@@ -283,14 +294,11 @@ class DirectTiffSlide(Slide):
                 out[k] = _area(block, out_px, out_px)
         return out, ok
 
-    def resample_filter(self, level: int, read_px: int, out_px: int) -> str:
+    def resample_filter(self, level: int, read_px: int, out_px: int, coords: np.ndarray | None = None) -> str:
         if read_px == out_px:
             return "none"
-        return (
-            f"jpeg-dct-1/{self.decode_scale(level, read_px, out_px)}"
-            if self.decode_scale(level, read_px, out_px) > 1
-            else "area"
-        )
+        scale = self.decode_scale(level, read_px, out_px, coords)
+        return f"jpeg-dct-1/{scale}" if scale > 1 else "area"
 
     def _warm(
         self, level: int, indices: Sequence[int], scale: int

@@ -177,3 +177,14 @@ def test_reduced_region_decodes_small_and_stays_close_to_an_area_filter(jpeg_pyr
     area = cv2.resize(full, small.shape[1::-1], interpolation=cv2.INTER_AREA)
     assert small.shape[:2] == (-(-1000 // scale), -(-1234 // scale))
     assert np.abs(small.astype(int) - area).mean() < 2.0
+
+
+def test_the_recorded_filter_is_the_one_read_tiles_uses(jpeg_pyramid):
+    """Tiles off the DCT lattice (an odd level-0 x) are area-resized, and the recorded filter says so."""
+    slide = DirectTiffSlide(jpeg_pyramid)
+    on, off = np.array([(256, 256)]), np.array([(257, 256)])
+    assert slide.resample_filter(0, 256, 128, on) == "jpeg-dct-1/2"
+    assert slide.resample_filter(0, 256, 128, off) == "area"
+    tiles, _ = slide.read_tiles(off, 0, 256, 128)
+    area = cv2.resize(slide.read_region((257, 256), 0, (256, 256)), (128, 128), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(tiles[0], area)
