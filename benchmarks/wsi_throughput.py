@@ -5,7 +5,7 @@ prints Markdown tables of
 
 * setup costs: tissue detection, tile grid, writing the CLAM-style coords H5;
 * tiles/s for reading + decoding + collating every tile through ``torch.utils.data.DataLoader`` with
-  :class:`pathopeft.wsi.extract.TileDataset` (slide opened once per worker process) versus
+  :class:`pathopeft.wsi.extract.TileBatches` (one batch per item, slide opened once per worker process) versus
   :class:`NaiveClamBag` (CLAM's ``Whole_Slide_Bag_FP`` recipe: slide handle opened in ``__init__`` in the
   parent, coords H5 reopened on every ``__getitem__``, one ``read_region(...).convert("RGB")`` per tile),
   both measured in the same run with the same batch size and 0/1/2 workers, repeats interleaved;
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pathopeft.backbones import create_backbone
 from pathopeft.wsi import h5io
-from pathopeft.wsi.extract import TileDataset, extract_features
+from pathopeft.wsi.extract import TileBatches, extract_features
 from pathopeft.wsi.pyramid import write_pyramid
 from pathopeft.wsi.slide import open_slide
 from pathopeft.wsi.tiling import TileGrid, tile_grid
@@ -111,9 +111,10 @@ class NaiveClamBag(Dataset):
 # --- measurement helpers ------------------------------------------------------------------------------------
 def make_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """The DataLoader settings of :func:`extract_features` (CPU), used for both loaders."""
+    batched = isinstance(dataset, TileBatches)  # already yields whole batches, as extract_features reads it
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=None if batched else batch_size,
         num_workers=workers,
         pin_memory=False,
         persistent_workers=False,
@@ -176,10 +177,11 @@ def prepare_case(label: str, slide_path: Path, target_mpp: float, tile_px: int, 
 
 def check_same_pixels(case: Case, n: int = 8) -> int:
     """Largest |difference| between the two loaders' first ``n`` tiles (0 = the comparison is like for like)."""
-    ours, naive = TileDataset(case.slide_path, case.grid), NaiveClamBag(case.h5_path, case.slide_path)
+    naive = NaiveClamBag(case.h5_path, case.slide_path)
+    ours = TileBatches(case.slide_path, case.grid, batch_size=n)[0][0]
     diff = 0
     for i in range(min(n, len(ours))):
-        a, b = ours[i][0].int(), naive[i][0].int()
+        a, b = ours[i].int(), naive[i][0].int()
         if a.shape != b.shape:
             raise AssertionError(f"{case.label}: tile {i} shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
         diff = max(diff, int((a - b).abs().max()))
@@ -193,7 +195,7 @@ def bench_loaders(case: Case, workers: Sequence[int], batch_size: int, repeats: 
         times: dict[str, list[float]] = {"naive": [], "pathopeft": []}
         makers: dict[str, Callable[[], Dataset]] = {
             "naive": lambda: NaiveClamBag(case.h5_path, case.slide_path),
-            "pathopeft": lambda: TileDataset(case.slide_path, case.grid),
+            "pathopeft": lambda: TileBatches(case.slide_path, case.grid, batch_size),
         }
         for _ in range(repeats):
             for name, make in makers.items():

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pathopeft.backbones import Backbone
@@ -29,57 +28,6 @@ log = logging.getLogger(__name__)
 
 class TileReadError(SlideError):
     """A tile could not be decoded even after reopening the slide."""
-
-
-class TileDataset(Dataset):
-    """Tiles of one slide as uint8 tensors (3, tile_px, tile_px), read lazily in the worker process."""
-
-    def __init__(self, slide_path: str | os.PathLike[str], grid: TileGrid, skip_bad_tiles: bool = False) -> None:
-        self.slide_path = str(slide_path)
-        self.coords = grid.coords
-        self.level = grid.choice.level
-        self.read_px = grid.read_px
-        self.tile_px = grid.tile_px
-        self.skip_bad_tiles = skip_bad_tiles
-        self._slide: Slide | None = None
-        self._owner: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.coords)
-
-    def _handle(self) -> Slide:
-        owner = os.getpid()
-        if self._slide is None or self._owner != owner:  # first use in this process (or after fork)
-            self._slide = open_slide(self.slide_path)
-            self._owner = owner
-        return self._slide
-
-    def _read(self, idx: int) -> np.ndarray:
-        x, y = (int(v) for v in self.coords[idx])
-        try:
-            return self._handle().read_region((x, y), self.level, (self.read_px, self.read_px))
-        except SlideError as first:
-            # An OpenSlide handle is unusable after a decode error: reopen once, then give up on this tile.
-            log.debug("reopening %s after: %s", self.slide_path, first)
-            self._handle().reopen()
-            try:
-                return self._handle().read_region((x, y), self.level, (self.read_px, self.read_px))
-            except SlideError as second:
-                self._handle().reopen()
-                raise TileReadError(f"{self.slide_path}: tile {idx} at ({x}, {y}) unreadable ({second})") from second
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int, bool]:
-        try:
-            tile = self._read(idx)
-        except TileReadError:
-            if not self.skip_bad_tiles:
-                raise
-            return torch.zeros(3, self.tile_px, self.tile_px, dtype=torch.uint8), idx, False
-        if self.read_px != self.tile_px:
-            tile = np.asarray(
-                Image.fromarray(tile).resize((self.tile_px, self.tile_px), Image.BILINEAR, reducing_gap=2.0)
-            )
-        return torch.from_numpy(np.array(tile, copy=True)).permute(2, 0, 1), idx, True
 
 
 class TileBatches(Dataset):
@@ -112,9 +60,7 @@ class TileBatches(Dataset):
     def handle(self) -> Slide:
         owner = os.getpid()
         if self._slide is None or self._owner != owner:  # first use in this process (or after fork)
-            self._slide = open_slide(self.slide_path)
-            if hasattr(self._slide, "threads"):
-                self._slide.threads = self.read_threads
+            self._slide = open_slide(self.slide_path, threads=self.read_threads)
             self._owner = owner
         return self._slide
 

@@ -171,12 +171,13 @@ def readers_for(path: str | os.PathLike[str]) -> list[str]:
     return [e.name for e in sorted(take, key=lambda e: e.caps["priority"])]
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, threads: int = 1) -> Slide:
     """Open ``path`` with the first registered reader that can read it (see :data:`SLIDE_READERS`).
 
     Args:
         path: slide file.
         mpp: level-0 µm/px from a manifest, used only when the file's metadata has none.
+        threads: decode threads for :meth:`Slide.read_tiles` (``tiff-direct`` uses them; OpenSlide ignores them).
 
     Raises:
         SlideError: the file is missing, unsupported or unreadable; the message names the file and what
@@ -193,6 +194,7 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
             errors.append(str(e))
             continue
         slide.backend = name  # the status files record which reader opened it
+        slide.threads = max(1, int(threads))
         return slide
     raise SlideError(f"{p}: unsupported or unreadable slide ({'; '.join(e.split(': ', 1)[-1] for e in errors)})")
 

@@ -30,6 +30,8 @@ class Slide(ABC):
     """Read-only access to a pyramidal (or single-level) slide; ``backend`` is the reader that opened it."""
 
     backend: str = "abstract"
+    #: decode threads one :meth:`read_tiles` call may use; readers that decode in one library call ignore it.
+    threads: int = 1
 
     def __init__(self, path: str | os.PathLike[str], manifest_mpp: float | None = None) -> None:
         self.path = Path(path)

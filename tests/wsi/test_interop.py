@@ -15,8 +15,8 @@ import pytest
 
 from pathopeft.wsi import BatchConfig, ExtractConfig, TilingConfig, h5io, run_batch
 from pathopeft.wsi.config import SlideEntry
-from pathopeft.wsi.extract import TileDataset
 from pathopeft.wsi.pyramid import write_pyramid
+from pathopeft.wsi.slide import open_slide
 from pathopeft.wsi.tiling import tile_grid
 from tests._tiny import blob_image
 
@@ -70,11 +70,11 @@ def test_clam_and_trident_fetch_our_pixels(pyramid, tmp_path, target_mpp, level,
     wsi = openslide.OpenSlide(str(pyramid))
     with openslide.OpenSlide(str(pyramid)) as s:
         grid = tile_grid(s.dimensions, s.level_downsamples, 0.25, target_mpp, tile_px=64)
-    ours = TileDataset(pyramid, grid)
-    ours.coords = coords
+    ours = open_slide(pyramid)
     ds = int(wsi.level_downsamples[level])
     for k in np.linspace(0, len(coords) - 1, 4).astype(int):
-        mine = ours._read(int(k))  # what pathopeft read before resizing to the tile size
+        x, y = (int(v) for v in coords[k])
+        mine = ours.read_region((x, y), level, (grid.read_px, grid.read_px))  # pathopeft's read before resizing
         for theirs in (clam_read(wsi, attrs, coords[k]), trident_read(wsi, attrs, coords[k])):
             if not (coords[k] % ds).any():  # on the level's pixel lattice: the same pixels
                 np.testing.assert_array_equal(theirs, mine)

@@ -116,6 +116,17 @@ def test_threads_give_the_same_pixels(jpeg_pyramid):
     np.testing.assert_array_equal(one, four)
 
 
+def test_open_slide_and_tile_batches_pass_the_decode_threads(jpeg_pyramid):
+    from pathopeft.wsi.extract import TileBatches
+    from pathopeft.wsi.tiling import tile_grid
+
+    with open_slide(jpeg_pyramid, threads=3) as s:
+        assert (s.backend, s.threads) == ("tiff-direct", 3)
+        grid = tile_grid(s.dimensions, s.level_downsamples, 0.25, 0.5, tile_px=64)
+    assert OpenSlideSlide(jpeg_pyramid).threads == 1  # the base default; OpenSlide decodes in one library call
+    assert TileBatches(jpeg_pyramid, grid, read_threads=2).handle().threads == 2
+
+
 @pytest.fixture(scope="module")
 def one_bad_tile(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bad") / "bad.tiff"
