@@ -77,6 +77,8 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights: str | None  # path of the loaded weights; None = random initialisation
+    resize_px: int | None = None  # shorter side before the centre crop to input_size (None: input_size)
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic", antialiased
 
     @property
     def is_random_init(self) -> bool:
@@ -96,10 +98,14 @@ class Backbone:
     def preprocess(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) tiles of any size → the model's input: standardised, resized to ``input_size``."""
         x = self.normalize(x_uint8)
-        if x.shape[-2:] != (self.input_size, self.input_size):
+        side = self.resize_px or self.input_size
+        if x.shape[-2:] != (side, side):  # square tiles: the shorter-side resize is a resize to side × side
             x = torch.nn.functional.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+                x, size=(side, side), mode=self.interpolation, antialias=True, align_corners=False
             )
+        if side > self.input_size:  # the published centre crop (Prov-GigaPath: 256 → 224)
+            off = (side - self.input_size) // 2
+            x = x[..., off : off + self.input_size, off : off + self.input_size]
         return x
 
     @torch.inference_mode()
@@ -217,10 +223,11 @@ def hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def hf_snapshot(name: str) -> Path:
+def hf_snapshot_folder(name: str, shown: str | None = None) -> Path:
     """The local snapshot folder of ``hf-hub:org/name[@revision]``, from the HF cache only (no network).
 
-    Raises :class:`WeightsNotFoundError` when the model is not in the cache: pathopeft never downloads.
+    Raises :class:`WeightsNotFoundError` naming the cache folder when the model is not there (``shown``: the
+    name the user gave, e.g. an encoder name): pathopeft never downloads.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -228,14 +235,20 @@ def hf_snapshot(name: str) -> Path:
     repo_id, _, revision = name[len(HF_HUB_PREFIX) :].partition("@")
     cache = hf_cache_dir()
     try:
-        snap = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:  # ValueError: a malformed repo id
         folder = cache / f"models--{repo_id.replace('/', '--')}"
+        what = f"encoder {shown!r} ({repo_id})" if shown else f"backbone {name!r}"
         raise WeightsNotFoundError(
-            f"backbone {name!r}: not in the local Hugging Face cache at {folder} (pathopeft never downloads: "
+            f"{what}: not in the local Hugging Face cache at {folder} (pathopeft never downloads: "
             f"fetch it beforehand, e.g. `hf download {repo_id}`, or set HF_HUB_CACHE/HF_HOME to the cache "
-            f"that has it)"
+            f"that has it, or pass --weights FILE)"
         ) from e
+
+
+def hf_snapshot(name: str) -> Path:
+    """:func:`hf_snapshot_folder` of a timm hub model, which must hold its ``config.json``."""
+    snap = hf_snapshot_folder(name)
     if not (snap / "config.json").is_file():
         raise WeightsNotFoundError(f"backbone {name!r}: the cached snapshot {snap} has no config.json")
     return snap
@@ -349,7 +362,9 @@ def create_backbone(
     """Build ``timm`` model ``name`` as a headless feature extractor, with weights from a local file or cache.
 
     Args:
-        name: any timm architecture (``timm.list_models()``), e.g. ``"vit_small_patch16_224"``, or
+        name: a published pathology encoder of :data:`pathopeft.encoders.PATCH_ENCODERS` (``"uni_v1"``,
+            ``"virchow2"``, … with its own preprocessing and embedding; ``weights`` or the HF cache, never
+            random), any timm architecture (``timm.list_models()``), e.g. ``"vit_small_patch16_224"``, or
             ``"hf-hub:org/name[@revision]"``: a timm model in the local Hugging Face cache (config and, without
             ``weights``, its weights; never downloaded, :class:`BackboneError` if it is not cached), or
             ``"local-dir:/path"``: the same from a folder.
@@ -367,6 +382,16 @@ def create_backbone(
     """
     import timm
 
+    from pathopeft.encoders import PATCH_ENCODERS, build_encoder
+
+    if name in PATCH_ENCODERS:  # a published pathology encoder: its own preprocessing, never random weights
+        if mean is not None or std is not None:
+            raise BackboneError(f"encoder {name!r} has its published mean/std; --mean/--std apply to timm names")
+        spec = PATCH_ENCODERS.get(name)
+        model, path = build_encoder(spec, weights, **model_kwargs)
+        return Backbone(model=model, name=name, dim=spec.dim, input_size=spec.input_size, mean=spec.mean,
+                        std=spec.std, weights=str(path), resize_px=spec.resize_px,
+                        interpolation=spec.interpolation)  # fmt: skip
     model, weights = encoder_family(name).obj(name, weights, **model_kwargs)
     cfg = timm.data.resolve_model_data_config(model)
     input_size = int(cfg["input_size"][-1])

@@ -51,8 +51,17 @@ def _add_wsi_job_args(p: argparse.ArgumentParser, features: bool) -> None:
     t.add_argument("--tissue-threshold", type=int, help="fixed HSV-saturation threshold 0..255 (default: Otsu)")
     if features:
         e = p.add_argument_group("features")
-        e.add_argument("--backbone", help="timm architecture name (default vit_small_patch16_224)")
-        e.add_argument("--weights", help="local .safetensors/.pth weights; without it features are RANDOM-INIT")
+        e.add_argument(
+            "--encoder",
+            "--backbone",
+            dest="backbone",
+            help="a published pathology encoder (uni_v1, virchow2, hoptimus1, phikon, resnet50, …: weights from "
+            "--weights or the local HF cache, never random) or a timm architecture name",
+        )
+        e.add_argument(
+            "--weights",
+            help="local weights file; a timm name without it is RANDOM-INIT, an encoder name reads the HF cache",
+        )
         e.add_argument(
             "--backbone-kwargs", type=json.loads, help="JSON kwargs for timm.create_model, e.g. '{\"img_size\": 256}'"
         )
