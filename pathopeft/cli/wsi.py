@@ -208,6 +208,17 @@ def cmd_wsi_qc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wsi_export(args: argparse.Namespace) -> int:
+    from pathopeft.wsi.export import export_run
+
+    report = export_run(args.run_dir, args.out, args.to)
+    for folder, slides in report.slides.items():
+        print(f"{folder}: {len(slides)} slides exported for {args.to.upper()} into {report.out_dir}")
+    for slide, reason in report.failed.items():
+        print(f"error: {slide}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def add_commands(sub: Any) -> None:
     """Register this group's sub-commands on the top-level sub-parsers."""
     wsi = sub.add_parser("wsi", help="whole-slide images: tissue, tiles, features").add_subparsers(
@@ -226,6 +237,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("slide", type=Path)
     p.add_argument("--slide-mpp", type=float, help="fallback level-0 µm/px")
     p.set_defaults(func=cmd_wsi_info)
+    p = wsi.add_parser("export", help="a run folder in the layout CLAM or TRIDENT reads (hard links, .pt files)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--to", required=True, choices=["clam", "trident"])
+    p.add_argument("--out", required=True, type=Path, help="destination folder (CLAM's or TRIDENT's job folder)")
+    p.set_defaults(func=cmd_wsi_export)
     p = wsi.add_parser("qc", help="rebuild summary.md and failures.csv of a run folder")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_wsi_qc)
