@@ -49,6 +49,11 @@ def _add_wsi_job_args(p: argparse.ArgumentParser, features: bool) -> None:
     )
     t.add_argument("--min-tissue", type=float, help="minimum tissue fraction per tile, 0..1 (default 0.25)")
     t.add_argument("--tissue-threshold", type=int, help="fixed HSV-saturation threshold 0..255 (default: Otsu)")
+    t.add_argument(
+        "--tissue-geojson",
+        type=Path,
+        help="folder of <slide_id>.geojson tissue outlines (QuPath export, TRIDENT contours_geojson/) used as the mask",
+    )
     if features:
         e = p.add_argument_group("features")
         e.add_argument(
@@ -110,6 +115,11 @@ def _build_batch_config(args: argparse.Namespace, features: bool) -> Any:
         "tiling.tile_px": args.tile_px, "tiling.overlap_px": args.overlap_px,
         "tiling.min_tissue_fraction": args.min_tissue, "tiling.tissue_params.threshold": args.tissue_threshold,
     }  # fmt: skip
+    if args.tissue_geojson is not None:  # outlines drawn in QuPath (or TRIDENT's contours) instead of detection
+        if args.tissue_threshold is not None:
+            raise UserError("--tissue-geojson and --tissue-threshold exclude each other (the outlines are the mask)")
+        flags.update({"tiling.tissue": "geojson", "tiling.tissue_params.folder": str(args.tissue_geojson.resolve())})
+        flags.pop("tiling.tissue_params.threshold")
     if features:
         names = {"backbone": "backbone", "weights": "weights", "backbone_kwargs": "backbone_kwargs",
                  "adapter": "adapter", "batch_size": "batch_size", "workers": "num_workers", "read_threads": "read_threads", "device": "device",

@@ -34,7 +34,7 @@ from pathopeft import __version__
 from pathopeft.backbones import Backbone, apply_adapter, create_backbone
 from pathopeft.errors import DiskFullError
 from pathopeft.io import atomic_write_json, clean_stale_temporaries, is_disk_full
-from pathopeft.wsi import claims, h5io
+from pathopeft.wsi import claims, h5io, tissue_outlines  # noqa: F401  # tissue_outlines registers "geojson"
 from pathopeft.wsi.config import BatchConfig, SlideEntry
 from pathopeft.wsi.extract import extract_features
 from pathopeft.wsi.outputs import OutputPaths, features_dirname, guard_parameters, job_hashes
@@ -89,7 +89,7 @@ def process_slide(
             return record
         detector = create_detector(t.tissue, **t.tissue_params)
         bad_regions: list[dict] | None = [] if cfg.extract.skip_bad_tiles else None
-        tissue = detect_tissue(slide, detector, bad_regions)
+        tissue = detect_tissue(slide, detector, bad_regions, entry.slide_id)
         if bad_regions:
             log.warning("%s: %d unreadable regions read as background, first at %s", entry.slide_id,
                         len(bad_regions), bad_regions[0]["error"])  # fmt: skip

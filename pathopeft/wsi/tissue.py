@@ -208,16 +208,23 @@ def _signed_area(xy: np.ndarray) -> float:
 
 
 def detect_tissue(
-    slide: Slide, detector: TissueDetector | None = None, bad_regions: list[dict] | None = None
+    slide: Slide,
+    detector: TissueDetector | None = None,
+    bad_regions: list[dict] | None = None,
+    slide_id: str | None = None,
 ) -> TissueMask:
     """Run ``detector`` (default: Otsu) on ``slide`` at the detector's working resolution.
 
     With a ``bad_regions`` list, undecodable parts of the slide are read as background and listed there
-    (level-0 rectangles); without one, the first such part raises a :class:`SlideError` naming it.
+    (level-0 rectangles); without one, the first such part raises a :class:`SlideError` naming it. A detector
+    with a ``mask_for(slide, slide_id)`` method (outlines from files, :mod:`pathopeft.wsi.tissue_outlines`)
+    gives the mask itself.
     """
     from pathopeft.wsi.slide import read_at_mpp
 
     detector = detector or OtsuTissueDetector()
+    if hasattr(detector, "mask_for"):
+        return detector.mask_for(slide, slide_id or slide.path.stem)
     image, downsample = read_at_mpp(slide, detector.mpp, bad_regions=bad_regions)
     effective_mpp = slide.mpp * downsample
     return TissueMask(mask=detector.detect(image, effective_mpp), downsample=downsample)
