@@ -38,6 +38,41 @@ def cmd_mil_compare(args: argparse.Namespace) -> int:
 #: resolves config-relative paths only for ``Path``-typed arguments, and these are ``str``.
 
 
+def cmd_mil_heatmap(args: argparse.Namespace) -> int:
+    """Per-slide QuPath GeoJSON (and PNG) of a finished run's ``tile_scores.h5``."""
+    import sys
+
+    import h5py
+
+    from pathopeft.mil.plots import plot_instance_heatmap
+    from pathopeft.mil.qupath import tile_scores_geojson
+
+    scores_h5 = args.run_dir / "tile_scores.h5"
+    if not scores_h5.is_file():
+        print(f"error: {scores_h5}: not found (is {args.run_dir} a finished `pathopeft mil run`?)", file=sys.stderr)
+        return 2
+    out = args.out or args.run_dir / "heatmaps"
+    with h5py.File(scores_h5, "r") as f:
+        slides = args.slides or list(f)
+        unknown = [s for s in slides if s not in f]
+        if unknown:
+            print(f"error: {scores_h5}: no slide(s) {unknown}", file=sys.stderr)
+            return 2
+        for sid in slides:
+            g = f[sid]
+            coords, scores = g["coords"][:], g["scores"][:]
+            labels = g["instance_labels"][:] if "instance_labels" in g else None
+            size = float(g.attrs.get("tile_size_l0", 0) or args.tile_size_l0 or 0)
+            if size <= 0:
+                print(f"error: {scores_h5}: {sid} has no tile_size_l0; pass --tile-size-l0", file=sys.stderr)
+                return 2
+            tile_scores_geojson(coords, scores, size, out / f"{sid}.geojson", labels=labels)
+            if args.png:
+                plot_instance_heatmap(coords, scores, size, out / f"{sid}.png", labels=labels, title=sid)
+    print(f"{len(slides)} slides: QuPath GeoJSON{' and PNG' if args.png else ''} in {out}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register this group's sub-commands on the top-level sub-parsers."""
     from pathopeft.mil.strategies import STRATEGIES  # cheap: strategy modules import torch inside their hooks
@@ -65,3 +100,10 @@ def add_commands(sub: Any) -> None:
                 help=f"strategies to compare (default: all but the ablations; known: {', '.join(STRATEGIES.names())})",
             )  # fmt: skip
             p.set_defaults(func=cmd_mil_compare)
+    p = mil.add_parser("heatmap", help="tile scores of a finished run as QuPath GeoJSON (File › Import objects) + PNG")
+    p.add_argument("run_dir", type=Path, help="a `pathopeft mil run` output folder (with tile_scores.h5)")
+    p.add_argument("--slides", nargs="+", help="slide ids (default: every scored test slide)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/heatmaps)")
+    p.add_argument("--png", action="store_true", help="also a PNG per slide (tiles coloured by score)")
+    p.add_argument("--tile-size-l0", type=float, help="tile side in level-0 px, for runs older than the attribute")
+    p.set_defaults(func=cmd_mil_heatmap)

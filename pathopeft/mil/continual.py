@@ -13,7 +13,8 @@ finished step: it builds the net from the config, replays every finished step's 
 (:meth:`Strategy.rebuild`, on that step's starting weights, no training), loads each step's state dict
 strictly and restores the strategy's state, so a resumed run gives the results of an uninterrupted one. A
 folder from before state dicts (a pickled ``net.pt``) is refused (:class:`StaleCheckpointError`). Results:
-``results.csv``, ``results.md``, ``R_<strategy>.png``, ``tile_scores.h5`` and per-slide heatmaps.
+``results.csv``, ``results.md``, ``R_<strategy>.png``, ``tile_scores.h5`` and per-slide heatmaps
+(``heatmaps/<slide>.geojson`` for QuPath for every test slide, PNGs over the thumbnail for the first few).
 
 Before any training every bag of the configured tasks is checked once (:func:`prepare_bags`): a bad file
 stops the run in seconds with one line naming it; bags with 0 tiles are skipped and listed in
@@ -62,6 +63,7 @@ from pathopeft.mil.data import (
 from pathopeft.mil.metrics import bag_auc, localization_metrics
 from pathopeft.mil.module import ContinualMILModule, MILNet, predict_bag
 from pathopeft.mil.plots import plot_instance_heatmap
+from pathopeft.mil.qupath import tile_scores_geojson
 from pathopeft.mil.report import ContinualReport
 from pathopeft.mil.strategies import STRATEGIES
 
@@ -411,7 +413,14 @@ class ContinualRunner:
                 bag = load_bag(rec.path, rec.slide_id)
                 scores = self._tile_scores(predict_bag(net, bag, final or cfg.allowed(j), cfg.normal_classes))
                 labels = None if bag["instance_labels"] is None else bag["instance_labels"].numpy()
-                rows.append((rec.slide_id, bag["coords"].numpy(), scores.numpy(), labels))
+                rows.append((rec.slide_id, bag["coords"].numpy(), scores.numpy(), labels, float(bag["tile_size_l0"])))
+                tile_scores_geojson(
+                    bag["coords"].numpy(),
+                    scores.numpy(),
+                    bag["tile_size_l0"],
+                    heat / f"{rec.slide_id}.geojson",
+                    labels=labels,
+                )  # QuPath: File › Import objects
                 if cfg.cls(rec.label) not in cfg.normal_classes and plotted < cfg.heatmaps:
                     plotted += 1
                     thumb, ds = _thumbnail(rec, bag)
@@ -424,10 +433,11 @@ class ContinualRunner:
         _write_scores(self.root / "tile_scores.h5", rows)
 
 
-def _write_scores(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> None:
+def _write_scores(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None, float]]) -> None:
     with atomic_h5(path) as f:
-        for slide_id, coords, scores, labels in rows:
+        for slide_id, coords, scores, labels, tile_size_l0 in rows:
             g = f.create_group(slide_id)
+            g.attrs["tile_size_l0"] = tile_size_l0
             g["coords"] = coords
             g["scores"] = scores
             if labels is not None:

@@ -183,6 +183,24 @@ def test_comel_learns_both_tasks_and_localizes(manifest, tmp_path):
         assert (
             g["scores"][:][g["instance_labels"][:] == 1].mean() > g["scores"][:][g["instance_labels"][:] == 0].mean()
         )
+        scores, coords, size = g["scores"][:], g["coords"][:], g.attrs["tile_size_l0"]
+        slides = list(f)
+    # every scored test slide has a QuPath GeoJSON: one square detection per tile, the score as a measurement
+    doc = json.loads((tmp_path / "comel-class" / "heatmaps" / "aca_test_aca_0.geojson").read_text())
+    assert len(doc["features"]) == len(scores)
+    first = doc["features"][0]
+    assert first["properties"]["objectType"] == "detection"
+    assert first["properties"]["measurements"]["score"] == pytest.approx(float(scores[0]), abs=1e-6)
+    ring = np.asarray(first["geometry"]["coordinates"][0])
+    np.testing.assert_allclose(ring[2] - ring[0], [size, size])
+    np.testing.assert_allclose(ring[0], coords[0])
+    assert {p.stem for p in (tmp_path / "comel-class" / "heatmaps").glob("*.geojson")} == set(slides)
+    # and the command rebuilds them (and PNGs) from tile_scores.h5
+    from pathopeft.cli import main
+
+    assert main(["mil", "heatmap", str(tmp_path / "comel-class"), "--out", str(tmp_path / "hm"), "--png"]) == 0
+    assert json.loads((tmp_path / "hm" / "aca_test_aca_0.geojson").read_text()) == doc
+    assert (tmp_path / "hm" / "aca_test_aca_0.png").is_file()
 
 
 @pytest.mark.parametrize("strategy", ["replay", "joint"])
