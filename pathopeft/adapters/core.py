@@ -71,6 +71,18 @@ def weight_2d(layer: nn.Module) -> torch.Tensor:
     return layer.weight.reshape(layer.weight.shape[0], -1)
 
 
+@torch.no_grad()
+def signed_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``U, S, Vh`` of ``w`` (float32) with a sign convention — the largest-magnitude entry of each
+    right singular vector is positive — so frozen singular vectors recomputed from the base weight on another
+    machine match the ones an adapter was trained with."""
+    U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+    idx = Vh.abs().argmax(dim=1)
+    sign = torch.sign(Vh.gather(1, idx[:, None]))[:, 0]
+    sign[sign == 0] = 1
+    return U * sign, S, Vh * sign[:, None]
+
+
 def base_forward_with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` with ``weight`` in place of its own (same bias, stride, padding …)."""
     if isinstance(layer, nn.Conv2d):
@@ -95,6 +107,11 @@ class Delta(nn.Module):
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+    def delta_from_merged(self, base: nn.Module) -> torch.Tensor:
+        """ΔW to subtract when unmerging, with ``base`` holding W + ΔW; the default recomputes ΔW (right for
+        every method whose ΔW does not depend on the base weight; Hydra's does, and overrides this)."""
+        return self.delta_weight(base)
 
     def before_load(self, tensors: dict[str, torch.Tensor]) -> None:
         """Hook: reshape this adapter to fit saved ``tensors`` (keys relative to it) before they are copied."""
@@ -208,7 +225,7 @@ class AdaptedLayer(nn.Module):
         w = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
-            w.sub_(self.deltas[name].delta_weight(self.base_layer).to(w.dtype).view_as(w))
+            w.sub_(self.deltas[name].delta_from_merged(self.base_layer).to(w.dtype).view_as(w))
 
 
 class AdapterModel(nn.Module):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathopeft.adapters.core import Delta, weight_2d
+from pathopeft.adapters.core import Delta, signed_svd, weight_2d
 from pathopeft.adapters.salt.config import SaltConfig
 
 
@@ -73,13 +73,7 @@ class SaltDelta(Delta):
     def _ensure_svd(self, base: nn.Module) -> None:
         if self.S.numel():
             return
-        w = weight_2d(base).float()
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        # sign convention: the largest-magnitude entry of each right singular vector is positive
-        idx = Vh.abs().argmax(dim=1)
-        sign = torch.sign(Vh.gather(1, idx[:, None]))[:, 0]
-        sign[sign == 0] = 1
-        self.U, self.S, self.Vh = U * sign, S, Vh * sign[:, None]
+        self.U, self.S, self.Vh = signed_svd(weight_2d(base))
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         if self.config.relu == "singular_values":

@@ -1,0 +1,78 @@
+"""Defining properties of the adapter-zoo methods (issue 15): each test fails if the method is not the paper's."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pathopeft import adapters
+from pathopeft.adapters.core import AdaptedLayer
+
+
+def _mlp(width_in: int = 24, width_out: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width_in, width_out), nn.ReLU(), nn.Linear(width_out, 10))
+
+
+def _delta(model: nn.Module, name: str = "0"):
+    layer = model.base_model.get_submodule(name)
+    assert isinstance(layer, AdaptedLayer)
+    return layer.deltas["default"], layer.base_layer
+
+
+def test_svfit_update_lies_in_the_top_singular_subspaces_and_moves_only_the_top_values():
+    model = adapters.create("svfit", _mlp(), rank=3, targets=["0"])
+    delta, base = _delta(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 3
+    with torch.no_grad():
+        delta.delta.copy_(torch.tensor([0.5, -0.2, 0.3]))
+    dw = delta.delta_weight(base)
+    U, S, Vh = torch.linalg.svd(base.weight.detach(), full_matrices=False)  # an independent SVD
+    Ur, Vr = U[:, :3], Vh[:3].T
+    torch.testing.assert_close(dw - Ur @ (Ur.T @ dw), torch.zeros_like(dw), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dw - (dw @ Vr) @ Vr.T, torch.zeros_like(dw), atol=1e-5, rtol=0)
+    new = torch.linalg.svdvals(base.weight.detach() + dw)
+    expected = torch.cat([S[:3] + torch.tensor([0.5, -0.2, 0.3]), S[3:]]).sort(descending=True).values
+    torch.testing.assert_close(new, expected, atol=1e-5, rtol=0)
+
+
+def test_hydra_merges_to_parallel_plus_sequential_branches_and_unmerges_exactly():
+    model = adapters.create("hydra", _mlp(), rank=4, targets=["0"])
+    delta, base = _delta(model)
+    with torch.no_grad():
+        for p in (delta.B_p, delta.B_s):
+            p.normal_(0, 0.1)
+    w0, b = base.weight.detach().clone(), base.bias.detach().clone()
+    x = torch.randn(5, 24)
+    y0 = x @ w0.T  # the frozen layer's output without bias: what the sequential branch reads
+    by_hand = y0 + b + x @ (delta.B_p @ delta.A_p).T + y0 @ (delta.B_s @ delta.A_s).T
+    torch.testing.assert_close(model.base_model[0](x), by_hand, atol=1e-5, rtol=1e-5)
+    model.merge_adapter()
+    torch.testing.assert_close(
+        base.weight.detach(), w0 + delta.B_p @ delta.A_p + delta.B_s @ delta.A_s @ w0, atol=1e-6, rtol=1e-6
+    )
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w0, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in delta.parameters()) == 4 * (24 + 3 * 16)
+
+
+def test_nola_trains_k_plus_l_per_layer_whatever_rank_and_size_and_saves_coefficients_only(tmp_path):
+    for rank in (2, 16):
+        model = adapters.create("nola", _mlp(), rank=rank, targets=["0", "2"], num_basis_a=7, num_basis_b=5)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (7 + 5)
+    d0, b0 = _delta(model, "0")
+    d2, _ = _delta(model, "2")
+    with torch.no_grad():
+        d0.coef_b.normal_()
+        d2.coef_b.normal_()
+    assert not torch.equal(d0.basis_a[:, :, :10], d2.basis_a[:, :, :10])  # every layer has its own bases
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(t.numel() for t in saved.values()) == [5, 5, 7, 7]  # coefficients only; bases from the seed
+    again = adapters.load(_mlp(), tmp_path)
+    e0, c0 = _delta(again, "0")
+    torch.testing.assert_close(e0.delta_weight(c0), d0.delta_weight(b0), atol=0, rtol=0)
+    other = adapters.create("nola", _mlp(), rank=16, targets=["0", "2"], num_basis_a=7, num_basis_b=5, seed=1)
+    f0, _ = _delta(other, "0")
+    assert not torch.equal(f0.basis_a, d0.basis_a)  # the seed decides the bases
