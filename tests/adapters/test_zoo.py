@@ -76,3 +76,23 @@ def test_nola_trains_k_plus_l_per_layer_whatever_rank_and_size_and_saves_coeffic
     other = adapters.create("nola", _mlp(), rank=16, targets=["0", "2"], num_basis_a=7, num_basis_b=5, seed=1)
     f0, _ = _delta(other, "0")
     assert not torch.equal(f0.basis_a, d0.basis_a)  # the seed decides the bases
+
+
+def test_loldu_freezes_a_unit_triangular_ldu_slice_and_trains_its_diagonal_and_a_scale():
+    from pathopeft.adapters.loldu import ldu
+
+    w = torch.randn(16, 24)
+    P, L, D, U = ldu(w)
+    torch.testing.assert_close(P @ L @ torch.diag(D) @ U, w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.diagonal(L), torch.ones(16))
+    torch.testing.assert_close(torch.diagonal(U), torch.ones(16))
+    assert torch.equal(L.triu(1), torch.zeros_like(L))  # unit lower
+    assert torch.equal(U[:, :16].tril(-1), torch.zeros(16, 16))  # unit upper
+    model = adapters.create("loldu", _mlp(), rank=4, targets=["0"])
+    delta, base = _delta(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 + 1
+    torch.testing.assert_close(delta.delta_weight(base), torch.zeros(16, 24), atol=1e-6, rtol=0)  # W' = W at init
+    with torch.no_grad():
+        delta.z.mul_(2.0)  # doubling the diagonal adds s0 * P L_r diag(D_r) U_r once more
+    expected = delta.s0 * delta.P @ delta.L @ torch.diag(delta.D) @ delta.U
+    torch.testing.assert_close(delta.delta_weight(base), expected, atol=1e-5, rtol=1e-5)
