@@ -96,3 +96,28 @@ def test_loldu_freezes_a_unit_triangular_ldu_slice_and_trains_its_diagonal_and_a
         delta.z.mul_(2.0)  # doubling the diagonal adds s0 * P L_r diag(D_r) U_r once more
     expected = delta.s0 * delta.P @ delta.L @ torch.diag(delta.D) @ delta.U
     torch.testing.assert_close(delta.delta_weight(base), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sorsa_is_identity_at_init_and_its_regulariser_restores_orthonormality():
+    from pathopeft.adapters.sorsa import sorsa_loss, sorsa_regularizer
+
+    model = adapters.create("sorsa", _mlp(), rank=4, targets=["0"])
+    delta, base = _delta(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * (16 + 24) + 4
+    torch.testing.assert_close(delta.delta_weight(base), torch.zeros(16, 24), atol=1e-5, rtol=0)
+    assert float(sorsa_regularizer(model)) < 1e-5  # singular vectors are orthonormal at init
+    with torch.no_grad():
+        delta.A.add_(0.2 * torch.randn_like(delta.A))
+        delta.B.add_(0.2 * torch.randn_like(delta.B))
+    a_err, b_err = delta.orthonormality()
+    eye = torch.eye(4)
+    torch.testing.assert_close(
+        sorsa_regularizer(model), ((delta.A @ delta.A.T - eye).norm() + (delta.B.T @ delta.B - eye).norm()) / 2
+    )
+    before = float(a_err + b_err)
+    opt = torch.optim.SGD([delta.A, delta.B], lr=0.05)
+    for _ in range(20):  # gradient steps on the regulariser alone
+        opt.zero_grad()
+        sorsa_loss(model).backward()
+        opt.step()
+    assert float(sum(delta.orthonormality())) < 0.5 * before
