@@ -121,3 +121,42 @@ def test_sorsa_is_identity_at_init_and_its_regulariser_restores_orthonormality()
         sorsa_loss(model).backward()
         opt.step()
     assert float(sum(delta.orthonormality())) < 0.5 * before
+
+
+def test_lora_sb_starts_at_the_rank_r_approximation_of_the_first_full_step_and_trains_r_squared():
+    from pathopeft.adapters.lorasb import lora_sb_init
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(6, 24), torch.randn(6, 10)) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return ((m(x) - y) ** 2).sum()
+
+    ref = _mlp()  # the full fine-tuning gradient of the same model
+    grad = torch.zeros(16, 24)
+    for batch in batches:
+        ref.zero_grad()
+        (loss_fn(ref, batch) / 6).backward()
+        grad += ref[0].weight.grad
+    step = -1e-2 * torch.sign(grad)
+    U, S, Vh = torch.linalg.svd(step)
+    best = (U[:, :3] * S[:3]) @ Vh[:3]  # Eckart–Young
+
+    model = adapters.create("lorasb", _mlp(), rank=3, targets=["0"])
+    delta, base = _delta(model)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 9
+    torch.testing.assert_close(delta.delta_weight(base), torch.zeros(16, 24))  # identity until initialised
+    assert lora_sb_init(model, batches, loss_fn, lr=1e-2) == 3
+    torch.testing.assert_close(delta.delta_weight(base), best, atol=1e-5, rtol=1e-5)
+    assert not base.weight.requires_grad
+    # dL/dR = s * B^T (dL/dW') A^T
+    x, y = batches[0]
+    loss_fn(model, (x, y)).backward()
+    full = _mlp()
+    with torch.no_grad():
+        full[0].weight.add_(delta.delta_weight(base))
+    loss_fn(full, (x, y)).backward()
+    torch.testing.assert_close(
+        delta.R.grad, delta.scale * delta.B.T @ full[0].weight.grad @ delta.A.T, atol=1e-4, rtol=1e-4
+    )
