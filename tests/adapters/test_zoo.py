@@ -160,3 +160,23 @@ def test_lora_sb_starts_at_the_rank_r_approximation_of_the_first_full_step_and_t
     torch.testing.assert_close(
         delta.R.grad, delta.scale * delta.B.T @ full[0].weight.grad @ delta.A.T, atol=1e-4, rtol=1e-4
     )
+
+
+def test_miss_core_equals_peft_miss_on_linear_layers_and_adapts_convs():
+    import peft
+
+    for width_in in (24, 26):  # r divides the input width, and not
+        ours = adapters.create("miss-core", _mlp(width_in), rank=4, targets=["0"])
+        theirs = peft.get_peft_model(_mlp(width_in), peft.MissConfig(r=4, target_modules=["0"]))
+        block = torch.randn(4, 16)
+        with torch.no_grad():
+            _delta(ours)[0].miss_block.copy_(block)
+            theirs.base_model.model[0].miss_block["default"].copy_(block)
+        x = torch.randn(5, width_in)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+        ours.merge_adapter()
+        theirs.merge_adapter()
+        torch.testing.assert_close(ours.base_model[0].base_layer.weight, theirs.base_model.model[0].base_layer.weight)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3))
+    model = adapters.create("miss-core", conv, rank=4, targets=["0"])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * 8
