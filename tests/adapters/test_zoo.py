@@ -180,3 +180,26 @@ def test_miss_core_equals_peft_miss_on_linear_layers_and_adapts_convs():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3))
     model = adapters.create("miss-core", conv, rank=4, targets=["0"])
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * 8
+
+
+def test_tlora_transform_is_a_kronecker_product_starting_at_identity_and_diagonal_t_scales_columns():
+    from pathopeft.adapters.tlora import factorize
+
+    assert factorize(768) == [8, 8, 12]
+    assert factorize(24) == [2, 3, 4]
+    model = adapters.create("tlora", _mlp(), rank=4, targets=["0"])
+    delta, base = _delta(model)
+    assert sum(p.numel() for p in delta.parameters()) == (4 + 9 + 16) + 4 * (16 + 24)
+    torch.testing.assert_close(delta.transform(), torch.eye(24))
+    torch.testing.assert_close(delta.delta_weight(base), torch.zeros(16, 24))
+    with torch.no_grad():  # diagonal factors: W0 T scales W0's columns by the Kronecker product of the diagonals
+        for f in delta.factors:
+            f.copy_(torch.diag(torch.rand(f.shape[0]) + 0.5))
+    d = torch.diagonal(delta.transform())
+    w0 = base.weight.detach().clone()
+    torch.testing.assert_close(w0 + delta.delta_weight(base), w0 * d, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        delta.B.normal_()
+    model.merge_adapter()
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w0, atol=1e-4, rtol=1e-4)
