@@ -203,3 +203,39 @@ def test_tlora_transform_is_a_kronecker_product_starting_at_identity_and_diagona
     model.merge_adapter()
     model.unmerge_adapter()
     torch.testing.assert_close(base.weight.detach(), w0, atol=1e-4, rtol=1e-4)
+
+
+def test_loca_dct_update_keeps_the_frobenius_norm_and_its_location_step_follows_the_larger_gradient():
+    from pathopeft.adapters.loca import dct_matrix
+
+    c = dct_matrix(12)
+    torch.testing.assert_close(c @ c.T, torch.eye(12), atol=1e-5, rtol=0)
+    model = adapters.create("loca", _mlp(), targets=["0"], n=5, alpha=2.0, location_steps=100)
+    delta, base = _delta(model)
+    assert sum(p.numel() for p in delta.parameters()) == 3 * 5
+    with torch.no_grad():
+        delta.coef.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5]))
+        delta.loc.copy_(torch.tensor([[2 / 15, 0.3, 0.5, 0.7, 0.9], [0.2, 0.4, 0.6, 0.8, 0.95]]))  # distinct cells
+    dw = delta.delta_weight(base)
+    torch.testing.assert_close(dw.norm(), 2.0 * delta.coef.norm(), atol=1e-5, rtol=1e-5)
+    # the schedule: step 0 coefficients, then 10 coefficient steps / 20 location steps per cycle, frozen after B_s
+    phases = []
+    for it in (0, 5, 10, 29, 30, 45, 100, 150):
+        delta.step.fill_(it)
+        phases.append(delta.phase())
+    assert phases == [(True, False), (True, False), (False, True), (False, True), (True, False), (False, True),
+                      (True, False), (True, False)]  # fmt: skip
+    # a location step: K larger in magnitude below coefficient 0's row than above, so its row moves down
+    delta.step.fill_(15)  # a location phase
+    rows, cols = delta.locations()
+    r, col = int(rows[0]), int(cols[0])
+    k = torch.zeros(16, 24)
+    k[r + 1, col] = -5.0  # moving coefficient 0 (a = 1) one row down lowers the loss by about 5
+    g = delta.C_out.T @ k @ delta.C_in / 2.0  # so that K = alpha C_out G C_in^T
+    delta.train()
+    (delta.delta_weight(base) * g).sum().backward()
+    assert delta.coef.grad.abs().sum() == 0  # locations only in this phase
+    assert delta.loc.grad[0, 0] < 0  # gradient descent raises p, i.e. moves the row to r + 1
+    with torch.no_grad():
+        delta.loc -= delta.loc.grad / 15**2  # grad -1 (clamped) x (out - 1): one row
+    assert int(delta.locations()[0][0]) == r + 1
