@@ -218,6 +218,31 @@ def test_seg_compare_with_snella_runs_its_budget_competition(glas_manifest, tmp_
     assert max(seen[0]) - min(seen[0]) > 0.05
 
 
+@pytest.mark.shared
+def test_seg_compare_with_lorasb_initialises_from_the_training_gradient(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.adapters.lorasb import LoraSbDelta
+    from pathopeft.seg import compare
+
+    seen: list[bool] = []
+    real_fit = compare.fit_one
+
+    def fit_and_look(c, m, lr, s, dm):
+        run = real_fit(c, m, lr, s, dm)
+        seen.extend(bool(d.initialised) and float(d.R.abs().sum()) > 0
+                    for d in run["model"].modules() if isinstance(d, LoraSbDelta))  # fmt: skip
+        return run
+
+    monkeypatch.setattr(compare, "fit_one", fit_and_look)
+    cfg = CompareConfig(
+        manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4, methods=["lorasb"],
+        rank=4, targets="attn+mlp", lrs=[1e-2], seeds=[0], max_steps=2, val_fraction=0.25, grid_images=1,
+    )  # fmt: skip
+    run_compare(cfg)
+    assert seen
+    assert all(seen)  # every LoRA-SB layer was initialised by the callback, none left at its random B, A
+
+
 def test_compare_rows_can_label_one_method_at_several_settings(tmp_path):
     """``name@label`` is method ``name`` with the options under that label (a method at its official settings
     and at an equal budget); ``rank: null`` leaves the method's own default."""

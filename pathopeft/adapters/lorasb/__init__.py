@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, ClassVar
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -47,6 +49,7 @@ class LoraSbDelta(Delta):
         self.register_buffer("B", torch.linalg.qr(torch.randn(self.out_features, r, generator=g))[0])
         self.register_buffer("A", torch.linalg.qr(torch.randn(self.in_features, r, generator=g))[0].T.contiguous())
         self.R = nn.Parameter(torch.zeros(r, r))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))  # saved: a resumed fit keeps its B, A
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.scale * (self.B @ self.R @ self.A)
@@ -59,6 +62,7 @@ class LoraSbDelta(Delta):
         self.B.copy_(U[:, :r])
         self.A.copy_(Vh[:r])
         self.R.copy_(torch.diag(S[:r]) / self.scale)
+        self.initialised.fill_(True)
 
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: LoraSbConfig) -> int:
@@ -104,6 +108,33 @@ def lora_sb_init(
     return n
 
 
-register("lorasb", LoraSbConfig, LoraSbDelta, conv=True, identity_at_init=True)
+class LoraSbInit(pl.Callback):
+    """Runs :func:`lora_sb_init` on the first ``batches`` training batches when training starts (once: a resumed
+    fit finds its adapters initialised), with the optimiser's LR and the module's ``compute_loss(batch)`` (else
+    its ``training_step``): the ``callback`` capability of the ``lorasb`` entry, so every pipeline does it."""
 
-__all__ = ["LoraSbConfig", "LoraSbDelta", "lora_sb_init"]
+    def __init__(self, batches: int = 8) -> None:
+        self.batches = batches
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        deltas = [m for m in pl_module.modules() if isinstance(m, LoraSbDelta)]
+        if not deltas or all(bool(d.initialised) for d in deltas):
+            return
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        data = (trainer.strategy.batch_to_device(b) for b in islice(iter(trainer.train_dataloader), self.batches))
+        if hasattr(pl_module, "compute_loss"):
+
+            def loss(m: nn.Module, b: Any) -> torch.Tensor:
+                return pl_module.compute_loss(b)[0]
+        else:
+
+            def loss(m: nn.Module, b: Any) -> torch.Tensor:
+                return pl_module.training_step(b, 0)
+
+        n = lora_sb_init(pl_module, data, loss, lr)
+        pl_module.print(f"LoRA-SB: {len(deltas)} adapters initialised from {n} batches (lr {lr:g})")
+
+
+register("lorasb", LoraSbConfig, LoraSbDelta, conv=True, identity_at_init=True, callback=LoraSbInit)
+
+__all__ = ["LoraSbConfig", "LoraSbDelta", "LoraSbInit", "lora_sb_init"]
