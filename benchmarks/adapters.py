@@ -94,6 +94,14 @@ def variants(rank: int) -> list[tuple[str, str, dict]]:
         ("snella (no checkpoint)", "snella", {"rank": rank, "checkpoint": False}),
         ("dense-masked (sparse-tuning baseline)", "dense-masked", {}),
     ]
+    from pathopeft.adapters import ADAPTERS, list_methods
+
+    listed = {m for _, m, _ in out}
+    out += [
+        (name, name, {"rank": rank})
+        for name in list_methods()
+        if name not in listed and not ADAPTERS.entry(name).caps["needs_data"]
+    ]  # every other registered method
     return out
 
 
