@@ -184,25 +184,28 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load local weights into ``model``; classifier heads are ignored, any other mismatch is an error."""
     sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(HEAD_PREFIXES)}
-    own = model.state_dict()
-    wrong = [
-        f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
-    ]
+    missing, unexpected, wrong = weight_mismatches(model, sd)
     if wrong:  # checked here: torch raises a RuntimeError with every key listed for these
         raise BackboneError(
             f"{path}: weights do not fit {type(model).__name__}: {len(wrong)} tensors of the wrong shape "
             f"(e.g. {wrong[:2]}) — weights of another size or architecture?"
         )
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
+    if missing or unexpected:
         raise BackboneError(
             f"{path}: weights do not fit {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {result.unexpected_keys[:3]})"
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    model.load_state_dict(sd, strict=False)  # every weight checked above; only BatchNorm counters may be absent
+
+
+def weight_mismatches(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape) keys of ``sd`` against ``model``; absent BatchNorm counters
+    (``num_batches_tracked``) are not missing weights."""
+    own = model.state_dict()
+    missing = sorted(k for k in set(own) - set(sd) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+    return missing, unexpected, wrong
 
 
 def close_names(name: str, names: list[str], n: int = 4) -> list[str]:

