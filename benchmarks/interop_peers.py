@@ -66,7 +66,7 @@ for slide_id, slide_path, feat_dir in SLIDES:
     clam_tiles = np.stack([bag[i]["img"] for i in range(len(bag))])
     # TRIDENT
     mag = attrs["tile_magnification"]
-    folder = f"{{TRIDENT_OUT}}/{{round(mag) if abs(mag - round(mag)) < 1e-9 else mag:g}}x_{{attrs['target_patch_size']}}px_{{attrs['overlap']}}px_overlap"
+    folder = f"{{TRIDENT_OUT}}/{{mag:g}}x_{{attrs['target_patch_size']}}px_{{attrs['overlap']}}px_overlap"
     t_attrs, t_coords = read_coords(f"{{folder}}/patches/{{slide_id}}_patches.h5")
     r["trident_coords_equal"] = bool(np.array_equal(t_coords, ours_c))
     wsi = OpenSlideWSI(slide_path=slide_path, lazy_init=False)

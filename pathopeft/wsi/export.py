@@ -58,7 +58,7 @@ def _magnification_folder(patches_h5: Path) -> str:
     with h5py.File(patches_h5, "r") as f:
         a = f["coords"].attrs
         mag, px, overlap = float(a["tile_magnification"]), int(a["target_patch_size"]), int(a["overlap"])
-    return f"{round(mag) if abs(mag - round(mag)) < 1e-9 else f'{mag:g}'}x_{px}px_{overlap}px_overlap"
+    return f"{mag:g}x_{px}px_{overlap}px_overlap"  # 20.0 -> "20", 2.5 -> "2.5", as TRIDENT formats it
 
 
 def _write_pt(features_h5: Path, dst: Path) -> None:

@@ -194,25 +194,32 @@ def test_seg_fit_with_snella_runs_its_budget_competition(tmp_path, monkeypatch):
     assert sum(sp) / len(sp) == pytest.approx(0.5, abs=0.1)  # sizes differ, so the mean is weighted: roughly
 
 
-@pytest.mark.shared
-def test_seg_compare_with_snella_runs_its_budget_competition(glas_manifest, tmp_path, monkeypatch):
+def _compare_one_method(glas_manifest, tmp_path, monkeypatch, method: str, max_steps: int, look) -> list:
+    """Run a one-method seg compare on GlaS with a tiny ViT; ``look(model)`` is recorded after each fit."""
     from pathopeft.seg import compare
 
-    seen: list[list[float]] = []
+    seen: list = []
     real_fit = compare.fit_one
 
     def fit_and_look(c, m, lr, s, dm):
         run = real_fit(c, m, lr, s, dm)
-        seen.append(_snella_sparsities(run["model"].state_dict()))
+        seen.append(look(run["model"]))
         return run
 
     monkeypatch.setattr(compare, "fit_one", fit_and_look)
     cfg = CompareConfig(
         manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
-        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4, methods=["snella"],
-        rank=4, targets="attn+mlp", lrs=[1e-2], seeds=[0], max_steps=4, val_fraction=0.25, grid_images=1,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4, methods=[method],
+        rank=4, targets="attn+mlp", lrs=[1e-2], seeds=[0], max_steps=max_steps, val_fraction=0.25, grid_images=1,
     )  # fmt: skip
     run_compare(cfg)
+    return seen
+
+
+@pytest.mark.shared
+def test_seg_compare_with_snella_runs_its_budget_competition(glas_manifest, tmp_path, monkeypatch):
+    seen = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "snella", 4,
+                               lambda model: _snella_sparsities(model.state_dict()))  # fmt: skip
     assert len(seen) == 1
     assert len(seen[0]) == 6
     assert max(seen[0]) - min(seen[0]) > 0.05
@@ -221,24 +228,13 @@ def test_seg_compare_with_snella_runs_its_budget_competition(glas_manifest, tmp_
 @pytest.mark.shared
 def test_seg_compare_with_lorasb_initialises_from_the_training_gradient(glas_manifest, tmp_path, monkeypatch):
     from pathopeft.adapters.lorasb import LoraSbDelta
-    from pathopeft.seg import compare
 
-    seen: list[bool] = []
-    real_fit = compare.fit_one
+    def initialised(model):
+        return [
+            bool(d.initialised) and float(d.R.abs().sum()) > 0 for d in model.modules() if isinstance(d, LoraSbDelta)
+        ]
 
-    def fit_and_look(c, m, lr, s, dm):
-        run = real_fit(c, m, lr, s, dm)
-        seen.extend(bool(d.initialised) and float(d.R.abs().sum()) > 0
-                    for d in run["model"].modules() if isinstance(d, LoraSbDelta))  # fmt: skip
-        return run
-
-    monkeypatch.setattr(compare, "fit_one", fit_and_look)
-    cfg = CompareConfig(
-        manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
-        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4, methods=["lorasb"],
-        rank=4, targets="attn+mlp", lrs=[1e-2], seeds=[0], max_steps=2, val_fraction=0.25, grid_images=1,
-    )  # fmt: skip
-    run_compare(cfg)
+    (seen,) = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "lorasb", 2, initialised)
     assert seen
     assert all(seen)  # every LoRA-SB layer was initialised by the callback, none left at its random B, A
 

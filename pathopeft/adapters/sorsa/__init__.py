@@ -44,18 +44,11 @@ class SorsaDelta(Delta):
         self.B = nn.Parameter(U[:, :r].clone())
         self.S = nn.Parameter(S[:r].clone())
         self.A = nn.Parameter(Vh[:r].clone())
-        self.register_buffer("W_p0", torch.empty(0), persistent=False)
-
-    def _initial(self, base: nn.Module) -> torch.Tensor:
-        if not self.W_p0.numel():
-            U, S, Vh = signed_svd(weight_2d(base))
-            r = self.r
-            self.W_p0 = (U[:, :r] * S[:r]) @ Vh[:r]
-        return self.W_p0
+        # the initial principal part, from the same SVD as the factors (not saved: rebuilt from the base weight)
+        self.register_buffer("W_p0", (U[:, :r] * S[:r]) @ Vh[:r], persistent=False)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        w_p0 = self._initial(base)
-        return (self.B * self.S) @ self.A - w_p0
+        return (self.B * self.S) @ self.A - self.W_p0
 
     def orthonormality(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖A Aᵀ − I‖_F, ‖Bᵀ B − I‖_F)."""
