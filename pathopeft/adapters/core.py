@@ -113,6 +113,13 @@ class Delta(nn.Module):
         every method whose ΔW does not depend on the base weight; Hydra's does, and overrides this)."""
         return self.delta_weight(base)
 
+    @classmethod
+    def build_shared(cls, config: AdapterConfig, layers: dict[str, nn.Module]) -> nn.Module | None:
+        """Hook: frozen state shared by every layer of one adapter (RandLoRA's bases, TeRA's factors), built
+        once from all target ``layers``; :meth:`AdapterModel.add_adapter` hands it to each Delta as
+        ``self.shared``, one object, so it is stored once and moves with the model. None: nothing shared."""
+        return None
+
     def before_load(self, tensors: dict[str, torch.Tensor]) -> None:
         """Hook: reshape this adapter to fit saved ``tensors`` (keys relative to it) before they are copied."""
 
@@ -251,6 +258,7 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} exists already")
         delta_cls = our_method(config.adapter_type).delta_cls
         names = resolve_targets(self.base_model, config.target_modules)
+        layers: dict[str, AdaptedLayer] = {}
         for name in dict.fromkeys(names):
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
@@ -258,7 +266,12 @@ class AdapterModel(nn.Module):
             if not isinstance(layer, AdaptedLayer):
                 layer = AdaptedLayer(layer)
                 setattr(parent, child, layer)
+            layers[name] = layer
+        shared = delta_cls.build_shared(config, {n: layer.base_layer for n, layer in layers.items()})
+        for name, layer in layers.items():
             delta = delta_cls(layer.base_layer, config.for_layer(name)).to(layer.base_layer.weight.device)
+            if shared is not None:
+                delta.shared = shared.to(layer.base_layer.weight.device)  # a submodule of every Delta, one object
             layer.deltas[adapter_name] = delta
         self._targets[adapter_name] = list(dict.fromkeys(names))
         self.peft_config[adapter_name] = config

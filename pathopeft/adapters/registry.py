@@ -1,7 +1,7 @@
 """``create(name, model, ...)``: one factory for our adapters and PEFT's, so configs switch methods by a string.
 
 Every method is an entry of :data:`ADAPTERS` (defined in :mod:`pathopeft.adapters.core`) with its
-capabilities. Ours (``salt``, ``wara``, ``snella``, ``owlora``, ``svfit``, ``hydra``, ``nola``, ``loldu``, ``sorsa``, ``lorasb``, ``miss-core``, ``tlora``, ``loca``) register in their own packages, which this
+capabilities. Ours (``salt``, ``wara``, ``snella``, ``owlora``, ``svfit``, ``hydra``, ``nola``, ``loldu``, ``sorsa``, ``lorasb``, ``miss-core``, ``tlora``, ``loca``, ``randlora-core``, ``blocklora``, ``tera``) register in their own packages, which this
 module imports only to trigger that; PEFT's LoRA family (``lora``, ``dora``, ``pissa``) registers below with
 our rank/alpha/targets. Any other PEFT method (``waveft``, ``miss``, ``randlora``, ``vera``, …) is found by
 its PEFT name with its own config keywords. A new method of ours is one ``Delta`` + config package that
@@ -27,7 +27,10 @@ import torch
 from torch import nn
 
 # our methods register on import, in this order (the listing order: keep it, not alphabetical)
-from pathopeft.adapters import salt, wara, snella, owlora, svfit, hydra, nola, loldu, sorsa, lorasb, miss, tlora, loca  # noqa: F401  # isort: skip
+# fmt: off
+from pathopeft.adapters import salt, wara, snella, owlora, svfit, hydra, nola, loldu, sorsa, lorasb, miss, tlora  # noqa: F401  # isort: skip
+from pathopeft.adapters import loca, randlora, blocklora, tera  # noqa: F401  # isort: skip
+# fmt: on
 from pathopeft.adapters.core import ADAPTERS, AdapterMethod, AdapterModel, our_method, register
 from pathopeft.adapters.serialization import (
     BASE_INFO_NAME,

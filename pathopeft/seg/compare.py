@@ -57,6 +57,8 @@ class CompareConfig:
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_norms: bool = False  # every adapter method also trains norms + position embeddings (SALT's recipe)
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    method_lrs: dict[str, list[float]] = field(default_factory=dict)  # a method's own sweep (vector-sized methods
+    # such as NOLA or SVFit train a few hundred numbers and need larger rates than LoRA); others sweep ``lrs``
     seeds: list[int] = field(default_factory=lambda: [0])
     max_steps: int = 200
     loss: str = "dicece"
@@ -140,7 +142,7 @@ def fit_one(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataMo
 
 
 #: Config fields that do not change what one (method, lr, seed) run computes, so a finished run is reusable.
-_NOT_PER_RUN = {"out_dir", "methods", "lrs", "seeds", "grid_images", "eval_batch", "method_kwargs"}
+_NOT_PER_RUN = {"out_dir", "methods", "lrs", "method_lrs", "seeds", "grid_images", "eval_batch", "method_kwargs"}
 
 
 def _run_signature(cfg: CompareConfig, method: str) -> dict[str, Any]:
@@ -199,7 +201,7 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     dm.setup()  # every split at once: all records are checked (and kept) before the first run trains
     rows, grids = [], {}
     for method in cfg.methods:
-        sweep = [run_cached(cfg, method, lr, cfg.seeds[0], dm, out) for lr in cfg.lrs]
+        sweep = [run_cached(cfg, method, lr, cfg.seeds[0], dm, out) for lr in cfg.method_lrs.get(method, cfg.lrs)]
         best = max(sweep, key=lambda r: r["val_dice"])
         runs = [best] + [run_cached(cfg, method, best["lr"], s, dm, out) for s in cfg.seeds[1:]]
         grids[method] = best["grid"]

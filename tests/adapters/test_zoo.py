@@ -105,7 +105,7 @@ def test_sorsa_is_identity_at_init_and_its_regulariser_restores_orthonormality()
     delta, base = _delta(model)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * (16 + 24) + 4
     torch.testing.assert_close(delta.delta_weight(base), torch.zeros(16, 24), atol=1e-5, rtol=0)
-    assert float(sorsa_regularizer(model)) < 1e-5  # singular vectors are orthonormal at init
+    assert float(sorsa_regularizer(model).detach()) < 1e-5  # singular vectors are orthonormal at init
     with torch.no_grad():
         delta.A.add_(0.2 * torch.randn_like(delta.A))
         delta.B.add_(0.2 * torch.randn_like(delta.B))
@@ -239,3 +239,84 @@ def test_loca_dct_update_keeps_the_frobenius_norm_and_its_location_step_follows_
     with torch.no_grad():
         delta.loc -= delta.loc.grad / 15**2  # grad -1 (clamped) x (out - 1): one row
     assert int(delta.locations()[0][0]) == r + 1
+
+
+def test_randlora_core_equals_peft_randlora_on_linear_layers_shares_one_basis_and_adapts_convs(tmp_path):
+    import peft
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 12))  # in < out, then out < in
+
+    ours = adapters.create("randlora-core", mlp(), rank=4, targets=["0", "2"])
+    theirs = peft.get_peft_model(mlp(), peft.RandLoraConfig(r=4, randlora_alpha=80, target_modules=["0", "2"]))
+    g = torch.Generator().manual_seed(3)
+    for name in ("0", "2"):
+        delta, _ = _delta(ours, name)
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        assert delta.lam.shape == peft_layer.randlora_lambda["default"].shape
+        assert delta.gamma.shape == peft_layer.randlora_gamma["default"].shape
+        torch.testing.assert_close(delta.gamma, peft_layer.randlora_gamma["default"])  # same init
+        lam, gam = torch.randn(delta.lam.shape, generator=g) / 10, torch.randn(delta.gamma.shape, generator=g) / 10
+        with torch.no_grad():
+            delta.lam.copy_(lam), delta.gamma.copy_(gam)
+            peft_layer.randlora_lambda["default"].copy_(lam), peft_layer.randlora_gamma["default"].copy_(gam)
+        torch.testing.assert_close(delta.delta_weight(None), peft_layer.get_delta_weight("default"))
+    x = torch.randn(5, 24, generator=g)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-5)
+    first, second = _delta(ours, "0")[0], _delta(ours, "2")[0]
+    assert first.shared is second.shared  # one set of bases for the model
+    ours.to(torch.float64)
+    assert first.shared.B.data_ptr() == second.shared.B.data_ptr()  # still one after a dtype move
+    # full rank from r·n + n·min trainable numbers: rank 12 from 4·3 + 3·12 = 48 on the 40 → 12 layer
+    assert torch.linalg.matrix_rank(second.delta_weight(None)) == 12
+    assert sum(p.numel() for p in second.parameters() if p.requires_grad) == 48
+    ours.save_pretrained(tmp_path)
+    assert not any("shared" in k for k in load_file(tmp_path / "adapter_model.safetensors"))  # rebuilt from seed
+    conv = adapters.create("randlora-core", nn.Sequential(nn.Conv2d(3, 8, 3)), rank=4, targets=["0"])
+    assert sum(p.numel() for p in conv.parameters() if p.requires_grad) == 4 * 2 + 2 * 8  # 8 × 27 view
+
+
+def test_blocklora_adds_the_input_chunks_before_one_shared_down_projection():
+    for width_in in (24, 26):  # n divides the input width, and not (the last chunk is zero-padded)
+        model = adapters.create("blocklora", _mlp(width_in), rank=3, targets=["0"], n_blocks=4)
+        delta, base = _delta(model)
+        chunk = -(-width_in // 4)
+        assert delta.A_s.shape == (3, chunk)
+        assert sum(p.numel() for p in delta.parameters()) == 3 * chunk + 3 * 16  # r·⌈in/n⌉ + r·out
+        with torch.no_grad():
+            delta.B.normal_()
+        x = torch.randn(5, width_in)
+        xp = nn.functional.pad(x, (0, 4 * chunk - width_in))
+        block_sum = sum(xp[:, j * chunk : (j + 1) * chunk] @ delta.A_s.T @ delta.B.T for j in range(4))
+        torch.testing.assert_close(delta(x, base) - base(x), block_sum, atol=1e-5, rtol=1e-5)  # the block sum
+        a = delta.down_projection()
+        for j in range(4):  # every chunk of the full down-projection is the one shared block
+            seg = a[:, j * chunk : (j + 1) * chunk]
+            assert torch.equal(seg, delta.A_s[:, : seg.shape[1]])
+        torch.testing.assert_close(delta(x, base), base(x) + x @ delta.delta_weight(base).T, atol=1e-5, rtol=1e-5)
+
+
+def test_tera_shares_one_frozen_network_across_layers_and_trains_only_diagonals_for_a_high_rank_update(tmp_path):
+    from pathopeft.adapters.tera import modes
+
+    model = adapters.create("tera", nn.Sequential(nn.Linear(96, 96), nn.Linear(96, 96), nn.Linear(96, 40)),
+                            targets=["0", "1", "2"])  # fmt: skip
+    (d0, base0), (d1, _), (d2, _) = (_delta(model, n) for n in ("0", "1", "2"))
+    assert modes(96, 96) == [8, 12, 8, 12]
+    assert d0.shared is d1.shared is d2.shared
+    assert d0.core() is d1.core()  # the same core tensor object for two layers of one shape
+    assert d0.factors()[0] is d2.factors()[2]  # and the 8-wide factor of the 96 → 40 layer's input
+    assert not any(p.requires_grad for p in d0.shared.buffers())
+    trainable = sum(p.numel() for p in d0.parameters())
+    assert trainable == 8 + 12 + 8 + 12
+    assert torch.count_nonzero(d0.delta_weight(base0)) == 0  # ΔW = 0 at init
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in d0.scales:
+            s.copy_(1 + torch.rand(s.shape, generator=g))
+    assert torch.linalg.matrix_rank(d0.delta_weight(base0)) == 96  # full rank from 40 trainable numbers
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert modes(40, 96) == [5, 8, 8, 12]
+    assert sum(t.numel() for t in saved.values()) == 40 + 40 + (5 + 8 + 8 + 12)  # the scales, nothing shared

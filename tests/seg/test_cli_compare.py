@@ -96,6 +96,29 @@ def test_compare_resumes_and_only_trains_what_is_missing(glas_manifest, tmp_path
     assert len(trained) == 1 + 3
 
 
+def test_compare_sweeps_each_method_over_its_own_learning_rates(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.seg import compare
+
+    cfg = CompareConfig(
+        manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4,
+        methods=["frozen", "lora"], rank=2, lrs=[1e-3], method_lrs={"lora": [1e-2, 3e-2]}, seeds=[0],
+        max_steps=1, val_fraction=0.25, grid_images=1,
+    )  # fmt: skip
+    trained = []
+    real_fit = compare.fit_one
+    monkeypatch.setattr(
+        compare, "fit_one", lambda c, m, lr, s, dm: trained.append((m, lr)) or real_fit(c, m, lr, s, dm)
+    )
+    rows = {r["method"]: r for r in run_compare(cfg)}
+    assert trained == [("frozen", 1e-3), ("lora", 1e-2), ("lora", 3e-2)]
+    assert set(rows["lora"]["sweep"]) == {1e-2, 3e-2}
+    assert set(rows["frozen"]["sweep"]) == {1e-3}
+    cfg.method_lrs = {"lora": [3e-2]}  # a narrower sweep later reuses the finished runs
+    run_compare(cfg)
+    assert len(trained) == 3
+
+
 def test_compare_yaml_is_typed_and_its_inputs_are_relative_to_it(tmp_path, monkeypatch, capsys):
     from pathopeft.seg import compare
 
