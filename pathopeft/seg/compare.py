@@ -168,10 +168,18 @@ def run_cached(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDat
             print(f"[compare] {key}: reused {record}", file=sys.stderr)
             return saved
         print(f"[compare] {key}: {record} was made with another configuration; retraining", file=sys.stderr)
-    run = fit_one(cfg, method, lr, seed, dm)
-    model = run.pop("model")
-    run["val_dice"], run["val_iou"], _ = score(model, dm.val_set, cfg)
-    run["test_dice"], run["test_iou"], probs = score(model, dm.test_set, cfg)
+    try:
+        run = fit_one(cfg, method, lr, seed, dm)
+        model = run.pop("model")
+        run["val_dice"], run["val_iou"], _ = score(model, dm.val_set, cfg)
+        run["test_dice"], run["test_iou"], probs = score(model, dm.test_set, cfg)
+    except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep or lose the finished ones
+        error = f"{type(e).__name__}: {e}".splitlines()[0]
+        atomic_write_json(out / "runs" / f"{key}.failed.json", {"method": method, "lr": lr, "seed": seed,
+                                                                 "error": error, "signature": sig}, indent=1)  # fmt: skip
+        print(f"[compare] {key}: FAILED ({error}); a rerun retries it", file=sys.stderr)
+        return {"method": method, "lr": lr, "seed": seed, "error": error}
+    (out / "runs" / f"{key}.failed.json").unlink(missing_ok=True)
     grid = {i: p.argmax(0).to(torch.uint8) for i, p in list(probs.items())[: cfg.grid_images]}
     buf = io.BytesIO()
     np.savez_compressed(buf, **{str(i): m.numpy() for i, m in grid.items()})
@@ -202,12 +210,20 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     rows, grids = [], {}
     for method in cfg.methods:
         sweep = [run_cached(cfg, method, lr, cfg.seeds[0], dm, out) for lr in cfg.method_lrs.get(method, cfg.lrs)]
-        best = max(sweep, key=lambda r: r["val_dice"])
+        swept = {r["lr"]: round(r["val_dice"], 4) if "error" not in r else None for r in sweep}
+        finished = [r for r in sweep if "error" not in r]
+        if not finished:
+            rows.append({"method": method, "best_lr": None, "sweep": swept, "error": sweep[0]["error"]})
+            write_report(cfg, rows, out)
+            continue
+        best = max(finished, key=lambda r: r["val_dice"])
         runs = [best] + [run_cached(cfg, method, best["lr"], s, dm, out) for s in cfg.seeds[1:]]
+        failed_seeds = [r["seed"] for r in runs if "error" in r]
+        runs = [r for r in runs if "error" not in r]
         grids[method] = best["grid"]
         dices, ious = [r["test_dice"] for r in runs], [r["test_iou"] for r in runs]
         rows.append({
-            "method": method, "best_lr": best["lr"], "sweep": {r["lr"]: round(r["val_dice"], 4) for r in sweep},
+            "method": method, "best_lr": best["lr"], "sweep": swept, "failed_seeds": failed_seeds,
             "dice_mean": statistics.mean(dices), "dice_std": statistics.stdev(dices) if len(dices) > 1 else 0.0,
             "iou_mean": statistics.mean(ious), "trainable": best["trainable"],
             "trainable_pct": 100 * best["trainable"] / best["total"], "peak_mib": best["peak_mib"],
@@ -237,8 +253,12 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
         "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        sweep = ", ".join(f"{lr:g}: {d:.3f}" for lr, d in r["sweep"].items())
-        per_seed = ", ".join(f"{d:.3f}" for d in r["test_dice_per_seed"].values())
+        sweep = ", ".join(f"{lr:g}: " + (f"{d:.3f}" if d is not None else "failed") for lr, d in r["sweep"].items())
+        if r["best_lr"] is None:
+            lines.append(f"| {r['method']} | – | {sweep} | failed: {r['error']} |" + " |" * 7)
+            continue
+        per_seed = ", ".join([f"{d:.3f}" for d in r["test_dice_per_seed"].values()]
+                             + [f"seed {s} failed" for s in r["failed_seeds"]])  # fmt: skip
         lines.append(
             f"| {r['method']} | {r['best_lr']:g} | {sweep} | {r['dice_mean']:.4f} ± {r['dice_std']:.4f} | "
             f"{per_seed} | {r['iou_mean']:.4f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
@@ -246,7 +266,7 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
         )
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     table = io.StringIO(newline="")
-    w = csv.DictWriter(table, fieldnames=list(rows[0]))
+    w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # failed rows: fewer
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "results.csv", table.getvalue())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -96,6 +97,15 @@ def test_loldu_freezes_a_unit_triangular_ldu_slice_and_trains_its_diagonal_and_a
         delta.z.mul_(2.0)  # doubling the diagonal adds s0 * P L_r diag(D_r) U_r once more
     expected = delta.s0 * delta.P @ delta.L @ torch.diag(delta.D) @ delta.U
     torch.testing.assert_close(delta.delta_weight(base), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_loldu_warns_when_a_near_zero_pivot_makes_its_frozen_factor_explode():
+    mlp = _mlp()
+    with torch.no_grad():  # the second input column nearly a multiple of the first: the second pivot ~ 1e-7
+        w = mlp[0].weight
+        w[:, 1] = 2.0 * w[:, 0] + 1e-7 * torch.randn(16)
+    with pytest.warns(RuntimeWarning, match="pivots include one near zero"):
+        adapters.create("loldu", mlp, rank=4, targets=["0"])
 
 
 def test_sorsa_is_identity_at_init_and_its_regulariser_restores_orthonormality():
@@ -239,6 +249,15 @@ def test_loca_dct_update_keeps_the_frobenius_norm_and_its_location_step_follows_
     with torch.no_grad():
         delta.loc -= delta.loc.grad / 15**2  # grad -1 (clamped) x (out - 1): one row
     assert int(delta.locations()[0][0]) == r + 1
+
+
+def test_loca_diverged_locations_give_nan_outputs_not_an_index_error():
+    model = adapters.create("loca", _mlp(), targets=["0"], n=5)
+    delta, _base = _delta(model)
+    with torch.no_grad():
+        delta.loc.fill_(float("nan"))  # what a non-finite loss leaves after one optimiser step
+        delta.coef.fill_(float("nan"))
+    assert torch.isnan(model(torch.randn(2, 24))).all()
 
 
 def test_randlora_core_equals_peft_randlora_on_linear_layers_shares_one_basis_and_adapts_convs(tmp_path):

@@ -119,6 +119,46 @@ def test_compare_sweeps_each_method_over_its_own_learning_rates(glas_manifest, t
     assert len(trained) == 3
 
 
+@pytest.mark.shared
+def test_a_failing_run_is_reported_and_retried_without_stopping_the_compare(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.seg import compare
+
+    cfg = CompareConfig(
+        manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4,
+        methods=["frozen", "lora"], rank=2, lrs=[1e-3, 1e-2], seeds=[0], max_steps=1, val_fraction=0.25,
+        grid_images=1,
+    )  # fmt: skip
+    real_fit = compare.fit_one
+
+    def fit_or_fail(c, m, lr, s, dm):
+        if m == "frozen" or lr == 1e-2:
+            raise IndexError("index -9223372036854775808 is out of bounds")
+        return real_fit(c, m, lr, s, dm)
+
+    monkeypatch.setattr(compare, "fit_one", fit_or_fail)
+    rows = {r["method"]: r for r in run_compare(cfg)}
+    assert rows["frozen"]["best_lr"] is None  # every LR failed
+    assert "IndexError" in rows["frozen"]["error"]
+    assert rows["lora"]["best_lr"] == 1e-3  # the surviving LR, whatever its score
+    assert rows["lora"]["sweep"][1e-2] is None
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| frozen | – | 0.001: failed, 0.01: failed | failed: IndexError" in report
+    assert "0.01: failed" in report.split("| lora |")[1]
+    runs = tmp_path / "cmp" / "runs"
+    assert sorted(p.name for p in runs.glob("*.failed.json")) == [
+        "frozen_lr0.001_seed0.failed.json", "frozen_lr0.01_seed0.failed.json", "lora_lr0.01_seed0.failed.json"
+    ]  # fmt: skip
+    trained = []
+    monkeypatch.setattr(
+        compare, "fit_one", lambda c, m, lr, s, dm: trained.append((m, lr)) or real_fit(c, m, lr, s, dm)
+    )
+    rows = {r["method"]: r for r in run_compare(cfg)}  # a rerun retries only the failures, which now succeed
+    assert sorted(trained) == [("frozen", 1e-3), ("frozen", 1e-2), ("lora", 1e-2)]
+    assert rows["frozen"]["best_lr"] is not None
+    assert list(runs.glob("*.failed.json")) == []
+
+
 def test_compare_yaml_is_typed_and_its_inputs_are_relative_to_it(tmp_path, monkeypatch, capsys):
     from pathopeft.seg import compare
 

@@ -54,7 +54,7 @@ class _LocaFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, p, c_out, c_in, alpha, train_coef, train_loc):
         out, inp = c_out.shape[0], c_in.shape[0]
-        q = p.clamp(0, 0.999)
+        q = p.nan_to_num(0.0).clamp(0, 0.999)  # a diverged (NaN) location must give NaN outputs, not a bad index
         rows = torch.round(q[0] * (out - 1)).long()
         cols = torch.round(q[1] * (inp - 1)).long()
         s = torch.zeros(out, inp, dtype=a.dtype, device=a.device)

@@ -15,6 +15,7 @@ initial product from the weight. The code's default ``lora_alpha`` is 1 (s₀ = 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,6 +30,10 @@ def ldu(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     P, L, U = torch.linalg.lu(w.float())
     D = torch.diagonal(U)
     return P, L, D, U / D.unsqueeze(-1)
+
+
+#: |U'| above this means a near-zero pivot: z's Adam-sized steps become updates this much larger.
+ILL_CONDITIONED = 1e3
 
 
 @dataclass
@@ -59,6 +64,14 @@ class LolduDelta(Delta):
             P, L, D, U = ldu(weight_2d(base))
             r = self.r
             self.P, self.L, self.D, self.U = P, L[:, :r].contiguous(), D[:r].contiguous(), U[:r].contiguous()
+            if self.U.abs().max() > ILL_CONDITIONED:
+                warnings.warn(
+                    f"LoLDU: a layer's first r LU pivots include one near zero, so its frozen unit-upper factor U' "
+                    f"has entries above {ILL_CONDITIONED:g}; updates to z are amplified by them and training "
+                    f"may diverge (a smaller learning rate, or another method, for such weights)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         self._ensure_ldu(base)
