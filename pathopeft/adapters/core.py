@@ -160,7 +160,9 @@ class AdapterMethod:
 #: ``nn.Conv2d`` too), ``identity_at_init`` (output equals the base model's before training), ``callback``
 #: (factory of the Lightning callback training needs, e.g. SNELLA's budget schedule; None: none),
 #: ``needs_data`` (inputs must be collected before a task, OWLoRA's protected subspaces), ``regularizer``
-#: (``model -> loss term`` that training adds, already weighted by the method's config: SALT's; None: none).
+#: (``model -> loss term`` that training adds, already weighted by the method's config: SALT's; None: none),
+#: ``variants`` (``model -> {label: context factory}``: extra evaluations of one trained model that ``seg compare``
+#: scores, DyLoRA's ranks; None: none).
 ADAPTERS: Registry[AdapterMethod] = Registry(
     "adapter method",
     {
@@ -170,6 +172,7 @@ ADAPTERS: Registry[AdapterMethod] = Registry(
         "callback": None,
         "needs_data": False,
         "regularizer": None,
+        "variants": None,
     },
 )
 

@@ -151,6 +151,24 @@ def _run_signature(cfg: CompareConfig, method: str) -> dict[str, Any]:
     return sig
 
 
+def score_variants(cfg: CompareConfig, method: str, model: SegModel, dm: SegDataModule) -> dict[str, Any]:
+    """Val and test Dice of every evaluation variant the adapter's ``variants`` capability offers for this
+    trained model (DyLoRA: each rank of its ``rank_sweep``), as ``{"variants": {label: {...}}}``; {} for none."""
+    from pathopeft.adapters import ADAPTERS
+
+    name = _adapter(method)[0]
+    factory = ADAPTERS.entry(name).caps.get("variants") if name is not None and name in ADAPTERS else None
+    if factory is None:
+        return {}
+    scores = {}
+    for label, ctx in factory(model).items():
+        with ctx():
+            val, _, _ = score(model, dm.val_set, cfg)
+            test, _, _ = score(model, dm.test_set, cfg)
+        scores[label] = {"val_dice": val, "test_dice": test}
+    return {"variants": scores} if scores else {}
+
+
 def run_cached(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataModule, out: Path) -> dict[str, Any]:
     """Train and score one (method, lr, seed), or reuse its record from an earlier, interrupted or smaller compare.
 
@@ -173,6 +191,7 @@ def run_cached(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDat
         model = run.pop("model")
         run["val_dice"], run["val_iou"], _ = score(model, dm.val_set, cfg)
         run["test_dice"], run["test_iou"], probs = score(model, dm.test_set, cfg)
+        run.update(score_variants(cfg, method, model, dm))
     except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep or lose the finished ones
         error = f"{type(e).__name__}: {e}".splitlines()[0]
         atomic_write_json(out / "runs" / f"{key}.failed.json", {"method": method, "lr": lr, "seed": seed,
@@ -229,6 +248,7 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
             "trainable_pct": 100 * best["trainable"] / best["total"], "peak_mib": best["peak_mib"],
             "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "n_seeds": len(runs),
             "test_dice_per_seed": {r["seed"]: round(r["test_dice"], 4) for r in runs},
+            **({"variants": best["variants"]} if best.get("variants") else {}),
         })  # fmt: skip
         write_report(cfg, rows, out)
     if grids:
@@ -264,6 +284,11 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
             f"{per_seed} | {r['iou_mean']:.4f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
             f"{r['peak_mib']:.0f} | {r['s_per_step']:.2f} | {r['s_per_step'] * cfg.max_steps / 60:.1f} |"
         )
+    for r in rows:  # one trained model scored several ways (DyLoRA's ranks): the best LR's seed-0 run
+        if r.get("variants"):
+            lines += ["", f"{r['method']} at LR {r['best_lr']:g}, seed {cfg.seeds[0]}, evaluated per variant:", "",
+                      "| variant | val Dice | test Dice |", "|---|---:|---:|"]  # fmt: skip
+            lines += [f"| {k} | {v['val_dice']:.4f} | {v['test_dice']:.4f} |" for k, v in r["variants"].items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # failed rows: fewer

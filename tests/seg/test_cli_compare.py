@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -257,7 +258,7 @@ def test_seg_fit_with_snella_runs_its_budget_competition(tmp_path, monkeypatch):
     assert sum(sp) / len(sp) == pytest.approx(0.5, abs=0.1)  # sizes differ, so the mean is weighted: roughly
 
 
-def _compare_one_method(glas_manifest, tmp_path, monkeypatch, method: str, max_steps: int, look) -> list:
+def _compare_one_method(glas_manifest, tmp_path, monkeypatch, method: str, max_steps: int, look, **kwargs) -> list:
     """Run a one-method seg compare on GlaS with a tiny ViT; ``look(model)`` is recorded after each fit."""
     from pathopeft.seg import compare
 
@@ -274,6 +275,7 @@ def _compare_one_method(glas_manifest, tmp_path, monkeypatch, method: str, max_s
         manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), encoder="vit_tiny_patch16_224", img_size=32,
         encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, crop=32, batch_size=4, methods=[method],
         rank=4, targets="attn+mlp", lrs=[1e-2], seeds=[0], max_steps=max_steps, val_fraction=0.25, grid_images=1,
+        method_kwargs={method: kwargs},
     )  # fmt: skip
     run_compare(cfg)
     return seen
@@ -300,6 +302,34 @@ def test_seg_compare_with_lorasb_initialises_from_the_training_gradient(glas_man
     (seen,) = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "lorasb", 2, initialised)
     assert seen
     assert all(seen)  # every LoRA-SB layer was initialised by the callback, none left at its random B, A
+
+
+@pytest.mark.shared
+def test_seg_compare_scores_every_rank_of_one_dylora_run(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.adapters.dylora import DyLoraDelta
+
+    def trained_ranks(model):  # B starts at zero and a frozen-mode step trains only the sampled rank's column
+        return {int(j) for d in model.modules() if isinstance(d, DyLoraDelta)
+                for j in torch.nonzero(d.B.detach().abs().sum(0)).flatten()}  # fmt: skip
+
+    (seen,) = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "dylora", 3, trained_ranks,
+                                  rank_sweep=[1, 2, 4])  # fmt: skip
+    assert len(seen) > 1  # the sampler drew ranks (without it every step trains rank r alone)
+    record = json.loads(next((tmp_path / "cmp" / "runs").glob("dylora_*.json")).read_text())
+    assert list(record["variants"]) == ["rank 1", "rank 2", "rank 4"]
+    assert all(0 <= v["test_dice"] <= 1 for v in record["variants"].values())
+    assert record["variants"]["rank 4"]["test_dice"] == pytest.approx(record["test_dice"])  # eval_rank = r = 4
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| rank 2 |" in report
+
+
+@pytest.mark.shared
+def test_seg_compare_with_sora_thresholds_its_gates_to_exact_zeros(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.adapters.sora import live_ranks
+
+    (seen,) = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "sora", 4, live_ranks,
+                                  xi_max=0.5, levels=2, dense_fraction=0.0)  # fmt: skip
+    assert 0 <= seen < 4 * 4  # 4 layers (qkv, proj, fc1, fc2) of rank 4: the callback zeroed some gates
 
 
 def test_compare_rows_can_label_one_method_at_several_settings(tmp_path):

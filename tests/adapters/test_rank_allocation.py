@@ -1,0 +1,188 @@
+"""Defining properties of the rank-allocation methods (issue 16): each test fails if the method is not the paper's."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from pathopeft import adapters
+from tests.adapters.test_zoo import _delta, _mlp
+
+
+# --- DyLoRA -------------------------------------------------------------------------------------------------
+def _trained_dylora(r: int = 6):
+    model = adapters.create("dylora", _mlp(), rank=r, targets=["0", "2"])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_dylora_uses_the_first_b_ranks_scaled_by_alpha_over_b_and_frozen_mode_trains_only_the_bth():
+    model = _trained_dylora()
+    delta, base = _delta(model)
+    model.train()
+    for b in (1, 3, 6):
+        delta.train_rank = b
+        expected = (6 / b) * delta.B[:, :b] @ delta.A[:b]  # alpha = r = 6
+        torch.testing.assert_close(delta.delta_weight(base), expected)
+    delta.train_rank = 3
+    model.zero_grad()
+    model(torch.randn(4, 24)).pow(2).sum().backward()
+    rows = delta.A.grad.abs().sum(1)
+    cols = delta.B.grad.abs().sum(0)
+    assert rows[2] > 0
+    assert cols[2] > 0
+    assert float(rows[[0, 1, 3, 4, 5]].abs().sum()) == 0.0  # ranks 1, 2 detached; 4..6 unused
+    assert float(cols[[0, 1, 3, 4, 5]].abs().sum()) == 0.0
+
+
+def test_dylora_rank_sampler_draws_one_uniform_rank_per_step_for_every_layer():
+    from pathopeft.adapters.dylora import DyLoraRankSampler
+
+    model = _trained_dylora(r=4)
+    sampler = DyLoraRankSampler()
+    torch.manual_seed(0)
+    seen = []
+    for i in range(400):
+        sampler.on_train_batch_start(None, model, None, i)
+        ranks = {d.train_rank for d in model.modules() if hasattr(d, "train_rank")}
+        assert len(ranks) == 1  # one b for the whole model
+        seen.append(ranks.pop())
+    counts = torch.bincount(torch.tensor(seen), minlength=5)
+    assert counts[0] == 0
+    assert (counts[1:] > 70).all()
+    sampler.on_train_end(None, model)
+    assert all(d.train_rank is None for d in model.modules() if hasattr(d, "train_rank"))
+
+
+def test_a_truncated_dylora_file_is_its_slice_and_loads_as_the_rank_b_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from pathopeft.adapters.dylora import set_rank, truncate_adapter
+
+    model = _trained_dylora(r=6).eval()
+    adapters.save(model, tmp_path / "full")
+    x = torch.randn(5, 24)
+    for b in (1, 2, 5):
+        set_rank(model, b)
+        expected = model(x)
+        truncate_adapter(tmp_path / "full", tmp_path / f"r{b}", b)
+        full = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+        part = load_file(str(tmp_path / f"r{b}" / "adapter_model.safetensors"))
+        for k, v in part.items():
+            sliced = full[k][:b] if k.endswith(".A") else full[k][:, :b] if k.endswith(".B") else full[k]
+            assert torch.equal(v, sliced)
+        loaded = adapters.load(_mlp(), tmp_path / f"r{b}").eval()
+        torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=1e-6)
+    set_rank(model, 6)
+    with pytest.raises(ValueError, match=r"outside 1\.\.6"):
+        set_rank(model, 7)
+    with pytest.raises(ValueError, match=r"outside 1\.\.6"):
+        truncate_adapter(tmp_path / "full", tmp_path / "r7", 7)
+
+
+# --- SoRA and CoDyRA: the gated LoRA -------------------------------------------------------------------------
+def test_sora_gate_threshold_is_the_soft_threshold_and_the_l1_term_is_the_mean_gate_magnitude():
+    from pathopeft.adapters.sora import sora_loss
+
+    model = adapters.create("sora", _mlp(), rank=4, targets=["0"], l1=0.01)
+    delta, base = _delta(model)
+    with torch.no_grad():
+        delta.gate.copy_(torch.tensor([0.5, -0.3, 1.5e-3, -2e-3]))
+        delta.B.normal_()
+    torch.testing.assert_close(sora_loss(model), 0.01 * delta.gate.abs().mean())
+    delta.threshold(1e-3)
+    torch.testing.assert_close(delta.gate.detach(), torch.tensor([0.499, -0.299, 5e-4, -1e-3]))  # not zeroed < 2ξ
+    torch.testing.assert_close(delta.delta_weight(base), (delta.B * delta.gate) @ delta.A)  # alpha = r: scale 1
+    delta.threshold(1e-3)
+    assert delta.gate[2] == 0
+    assert delta.gate[3] == 0
+    assert delta.live_ranks() == 2
+
+
+def test_sora_schedule_is_dense_then_rises_to_xi_max_in_equal_phases():
+    from pathopeft.adapters.sora import phase_threshold
+
+    xs = [phase_threshold(s, 100, 6e-4, 6, 0.4) for s in range(100)]
+    assert xs[:40] == [0.0] * 40
+    assert xs[40] == pytest.approx(1e-4)
+    assert xs[-1] == pytest.approx(6e-4)
+    assert all(a <= b for a, b in itertools.pairwise(xs))
+    assert len(set(xs[40:])) == 6
+
+
+def test_sora_training_zeroes_ranks_monotonically_and_pruning_gives_a_smaller_lora_with_the_same_output():
+    from pathopeft.adapters.sora import GateThreshold, live_ranks, phase_threshold, prune_to_lora
+
+    model = adapters.create("sora", _mlp(), rank=8, targets=["0", "2"], xi_max=0.02, levels=4, dense_fraction=0.25)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    x, target = torch.randn(32, 24), torch.randn(32, 10)
+    counts = [live_ranks(model)]
+    model.train()
+    for step in range(40):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+        for d in model.modules():
+            if hasattr(d, "threshold"):
+                d.threshold(phase_threshold(step, 40, 0.02, 4, 0.25))
+        counts.append(live_ranks(model))
+    assert counts[0] == 16
+    assert 0 < counts[-1] < 16
+    assert all(a >= b for a, b in itertools.pairwise(counts))  # the count only falls
+    assert GateThreshold is adapters.ADAPTERS.entry("sora").caps["callback"]
+    model.eval()
+    xq = torch.randn(6, 24)
+    expected = model(xq)
+    lora = prune_to_lora(model)
+    torch.testing.assert_close(lora(xq), expected, atol=1e-5, rtol=1e-5)
+    n_lora = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    kept = counts[-1]
+    assert 0 < n_lora < 8 * (24 + 16) + 8 * (16 + 10)
+    assert n_lora <= kept * (24 + 16)  # ranks of the 24→16 layer cost 40, of the 16→10 layer 26
+
+
+def test_sora_prunes_conv_layers_into_peft_conv_lora():
+    from pathopeft.adapters.sora import prune_to_lora
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+    model = adapters.create("sora", net, rank=4, targets=["0", "2"]).eval()
+    with torch.no_grad():
+        for d in model.modules():
+            if hasattr(d, "gate"):
+                d.B.normal_()
+                d.gate[1] = 0.0
+    x = torch.randn(2, 3, 12, 12)
+    expected = model(x)
+    torch.testing.assert_close(prune_to_lora(model)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_codyra_task_boundary_merges_live_ranks_into_w_and_restarts_without_changing_the_model():
+    from pathopeft.adapters.codyra import next_task
+
+    model = adapters.create("codyra", _mlp(), rank=4, targets=["0"]).eval()
+    delta, base = _delta(model)
+    with torch.no_grad():
+        delta.B.normal_()
+        delta.gate[2] = 0.0
+    torch.testing.assert_close(delta.delta_weight(base), (delta.B * delta.gate) @ delta.A)  # no α/r scale
+    x = torch.randn(5, 24)
+    before = model(x)
+    w0 = base.weight.detach().clone()
+    expected_w = w0 + delta.delta_weight(base).detach()
+    assert next_task(model) == 3
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-6)  # same function across the boundary
+    torch.testing.assert_close(base.weight.detach(), expected_w)
+    assert float(delta.B.detach().abs().sum()) == 0.0
+    assert delta.live_ranks() == 4
+    plain = model.merge_and_unload()  # no inference cost: a plain model with the past tasks in its weights
+    assert not any("deltas" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(x), before, atol=1e-6, rtol=1e-6)
