@@ -162,7 +162,8 @@ class AdapterMethod:
 #: ``needs_data`` (inputs must be collected before a task, OWLoRA's protected subspaces), ``regularizer``
 #: (``model -> loss term`` that training adds, already weighted by the method's config: SALT's; None: none),
 #: ``variants`` (``model -> {label: context factory}``: extra evaluations of one trained model that ``seg compare``
-#: scores, DyLoRA's ranks; None: none).
+#: scores, DyLoRA's ranks; None: none), ``optimizer`` (``(model, lr, weight_decay) -> Optimizer`` that training
+#: must use instead of AdamW: LoRA-Pro's; None: AdamW).
 ADAPTERS: Registry[AdapterMethod] = Registry(
     "adapter method",
     {
@@ -173,6 +174,7 @@ ADAPTERS: Registry[AdapterMethod] = Registry(
         "needs_data": False,
         "regularizer": None,
         "variants": None,
+        "optimizer": None,
     },
 )
 

@@ -30,9 +30,10 @@ from torch import nn
 # fmt: off
 from pathopeft.adapters import salt, wara, snella, owlora, svfit, hydra, nola, loldu, sorsa, lorasb, miss, tlora  # noqa: F401  # isort: skip
 from pathopeft.adapters import loca, randlora, blocklora, tera  # noqa: F401  # isort: skip
-from pathopeft.adapters import dylora, sora, codyra  # noqa: F401  # isort: skip
+from pathopeft.adapters import dylora, sora, codyra, sltrain  # noqa: F401  # isort: skip
 # fmt: on
 from pathopeft.adapters.core import ADAPTERS, AdapterMethod, AdapterModel, our_method, register
+from pathopeft.adapters.lorapro import lora_pro_optimizer
 from pathopeft.adapters.serialization import (
     BASE_INFO_NAME,
     WEIGHTS_NAME,
@@ -104,6 +105,18 @@ ADAPTERS.add(
     backend="peft",
     conv=False,  # PEFT's PiSSA initialisation is defined for nn.Linear only
     identity_at_init=True,  # residual + principal part = W
+)
+
+ADAPTERS.add(
+    "lorapro",
+    AdapterMethod(
+        peft_config=_lora_family("lora"),
+        doc="LoRA-Pro: PEFT's LoRA trained by the LoRA-Pro optimiser (equivalent gradient closest to full Adam)",
+    ),
+    backend="peft",
+    conv=True,
+    identity_at_init=True,
+    optimizer=lora_pro_optimizer,
 )
 
 

@@ -186,11 +186,17 @@ class SegModule(pl.LightningModule):
 
     # --- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """AdamW over the trainable parameters only (adapter + decoder), cosine-annealed per epoch."""
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, self.weight_decay), (no_decay, 0.0)) if ps]
-        opt = torch.optim.AdamW(groups, lr=self.lr)
+        """AdamW over the trainable parameters only (adapter + decoder), cosine-annealed per epoch; the adapter's
+        own optimiser where its ``ADAPTERS`` entry names one (LoRA-Pro)."""
+        factory = self._adapter_caps().get("optimizer")
+        if factory is not None:
+            opt = factory(self.model, self.lr, self.weight_decay)
+        else:
+            decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+            no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+            groups = [{"params": ps, "weight_decay": wd}
+                      for ps, wd in ((decay, self.weight_decay), (no_decay, 0.0)) if ps]  # fmt: skip
+            opt = torch.optim.AdamW(groups, lr=self.lr)
         epochs = self.max_epochs
         if epochs is None and self._trainer is not None:
             epochs = self.trainer.max_epochs

@@ -186,3 +186,109 @@ def test_codyra_task_boundary_merges_live_ranks_into_w_and_restarts_without_chan
     plain = model.merge_and_unload()  # no inference cost: a plain model with the past tasks in its weights
     assert not any("deltas" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(plain(x), before, atol=1e-6, rtol=1e-6)
+
+
+# --- SLTrain ------------------------------------------------------------------------------------------------
+def test_sltrain_support_is_fixed_its_count_is_the_formula_and_its_gradient_is_the_gathered_dense_one():
+    model = adapters.create("sltrain", _mlp(), rank=2, targets=["0", "2"], delta=0.1)
+    delta, base = _delta(model)
+    nnz = int(0.1 * 16 * 24)
+    assert delta.values.numel() == nnz
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (16 + 24) + nnz + 2 * (10 + 16) + 16
+    other, _ = _delta(model, "2")
+    assert not torch.equal(delta.support[:16], other.support[:16])  # each layer draws its own support
+    support = delta.support.clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x, target = torch.randn(8, 24), torch.randn(8, 10)
+    model.train()
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+    assert torch.equal(delta.support, support)  # never re-drawn
+    s = delta.sparse().detach().reshape(-1)
+    off = torch.ones_like(s, dtype=torch.bool)
+    off[support] = False
+    assert float(s[off].abs().sum()) == 0.0 and float(s[support].abs().sum()) > 0  # noqa: PT018
+    # d loss / d values = the dense gradient of W gathered at the support
+    model.zero_grad()
+    w = (base.weight + delta.delta_weight(base)).detach().requires_grad_(True)
+    loss = nn.functional.linear(x, w, base.bias).pow(2).sum()
+    loss.backward()
+    dense = w.grad.reshape(-1)[support]
+    model.zero_grad()
+    model.base_model[0](x).pow(2).sum().backward()
+    torch.testing.assert_close(delta.values.grad, dense)
+
+
+def test_sltrain_pretrain_mode_replaces_the_weight_by_the_low_rank_plus_sparse_product():
+    import math
+
+    model = adapters.create("sltrain", _mlp(), rank=3, targets=["0"], delta=0.05, mode="pretrain", alpha=6)
+    delta, base = _delta(model)
+    assert float(delta.values.detach().abs().max()) <= 1 / math.sqrt(24)  # nn.Linear's bound, as the code
+    with torch.no_grad():
+        delta.B.normal_()
+    w = 2.0 * delta.B @ delta.A + delta.sparse()  # alpha / r = 2
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(model.base_model[0](x), x @ w.T + base.bias, atol=1e-5, rtol=1e-5)
+    model.merge_adapter()
+    torch.testing.assert_close(base.weight.detach(), w.detach(), atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="cannot be unmerged"):
+        model.unmerge_adapter()
+
+
+# --- LoRA-Pro -----------------------------------------------------------------------------------------------
+def _lorapro_case(m: int = 6, n: int = 5, r: int = 2, s: float = 2.0):
+    g = torch.Generator().manual_seed(0)
+    A, B, G = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((r, n), (m, r), (m, n)))
+    return A, B, G, s, s * B.T @ G, s * G @ A.T  # the LoRA gradients of a loss whose dL/dW is G
+
+
+def test_lorapro_step_is_the_least_squares_projection_of_the_full_gradient_and_the_minimum_norm_pair():
+    from pathopeft.adapters.lorapro import equivalent_gradient, project
+
+    A, B, G, s, gA_raw, gB_raw = _lorapro_case()
+    gA, gB = project(A, B, gA_raw, gB_raw, s)
+    # brute force: every (gA, gB) as one vector, the linear map to s(B gA + gB A), least squares against G
+    cols = []
+    for i in range(gA.numel()):
+        e = torch.zeros_like(gA).reshape(-1)
+        e[i] = 1
+        cols.append(equivalent_gradient(A, B, e.reshape(gA.shape), torch.zeros_like(gB), s).reshape(-1))
+    for i in range(gB.numel()):
+        e = torch.zeros_like(gB).reshape(-1)
+        e[i] = 1
+        cols.append(equivalent_gradient(A, B, torch.zeros_like(gA), e.reshape(gB.shape), s).reshape(-1))
+    M = torch.stack(cols, 1)
+    best = torch.linalg.pinv(M) @ G.reshape(-1)  # the minimum-norm least-squares solution
+    torch.testing.assert_close(torch.cat([gA.reshape(-1), gB.reshape(-1)]), best, atol=1e-6, rtol=1e-6)
+    eq = equivalent_gradient(A, B, gA, gB, s)
+    torch.testing.assert_close(eq.reshape(-1), M @ best, atol=1e-6, rtol=1e-6)
+    vanilla = equivalent_gradient(A, B, gA_raw, gB_raw, s)
+    assert torch.linalg.norm(eq - G) <= torch.linalg.norm(vanilla - G)
+    for _ in range(20):  # and no other LoRA step comes closer
+        other = equivalent_gradient(A, B, torch.randn_like(gA), torch.randn_like(gB), s)
+        assert torch.linalg.norm(eq - G) <= torch.linalg.norm(other - G) + 1e-9
+
+
+def test_lorapro_optimizer_trains_a_peft_lora_and_its_entry_names_it():
+    from pathopeft.adapters.lorapro import LoraProAdamW, lora_pairs, lora_pro_optimizer
+
+    torch.manual_seed(0)
+    model = adapters.create("lorapro", _mlp(), rank=4, targets=["0", "2"])
+    assert adapters.ADAPTERS.entry("lorapro").caps["optimizer"] is lora_pro_optimizer
+    pairs = lora_pairs(model)
+    assert len(pairs) == 2
+    opt = lora_pro_optimizer(model, lr=1e-2)
+    assert isinstance(opt, LoraProAdamW)
+    x, target = torch.randn(64, 24), torch.randn(64, 10)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert opt.state[pairs[0][0]]["exp_avg"].shape == (16, 24)  # Adam moments of the full m×n equivalent gradient

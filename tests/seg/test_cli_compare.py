@@ -346,3 +346,23 @@ def test_compare_rows_can_label_one_method_at_several_settings(tmp_path):
     assert large.n_trainable() > small.n_trainable()
     official = build_model(cfg, "salt@official", 0).encoder.peft_config["default"]
     assert official.r is None  # top 10 % of the singular values, the official default
+
+
+def test_an_adapter_entry_with_its_own_optimizer_trains_with_it_in_seg_module(tmp_path):
+    """LoRA-Pro's entry names its optimiser: SegModule uses it instead of AdamW (and AdamW for plain LoRA)."""
+    from pathopeft.adapters.lorapro import LoraProAdamW
+    from pathopeft.seg.compare import build_model
+    from pathopeft.seg.module import SegModule
+
+    cfg = CompareConfig(
+        manifest="unused.csv", out_dir=str(tmp_path), encoder="vit_tiny_patch16_224", img_size=32,
+        encoder_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, rank=2,
+    )  # fmt: skip
+    opt = SegModule(build_model(cfg, "lorapro", 0), lr=1e-3).configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    assert isinstance(opt, LoraProAdamW)
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    model = build_model(cfg, "lorapro", 0)
+    assert len(trained) == sum(1 for p in model.parameters() if p.requires_grad)  # decoder + LoRA, nothing lost
+    plain = SegModule(build_model(cfg, "lora", 0), lr=1e-3).configure_optimizers()
+    assert type(plain["optimizer"] if isinstance(plain, dict) else plain) is torch.optim.AdamW
