@@ -292,3 +292,49 @@ def test_lorapro_optimizer_trains_a_peft_lora_and_its_entry_names_it():
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
     assert opt.state[pairs[0][0]]["exp_avg"].shape == (16, 24)  # Adam moments of the full m×n equivalent gradient
+
+
+# --- IncreLoRA ----------------------------------------------------------------------------------------------
+def test_increlora_growth_leaves_the_output_unchanged_and_the_importance_is_the_codes_sensitivity():
+    model = adapters.create("increlora", _mlp(), rank=4, targets=["0", "2"], init_rank=2)
+    delta, base = _delta(model)
+    assert delta.rank == 2
+    with torch.no_grad():
+        delta.E.normal_()
+    x = torch.randn(5, 24)
+    before = model(x)
+    assert delta.grow(3) == 3
+    assert delta.rank == 5
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-6)  # new ranks at E = 0, old E rescaled
+    model.train()
+    out = model(x).pow(2).sum()
+    dw = delta.delta_weight(base).detach()
+    w = (base.weight + dw).detach().requires_grad_(True)  # dL/dΔW = dL/dW, computed independently
+    y = nn.functional.linear(x, w, base.bias)
+    model.base_model[2](nn.functional.relu(y)).pow(2).sum().backward()
+    out.backward()
+    torch.testing.assert_close(
+        delta._sensitivity, float((dw * w.grad).abs().sum() / dw.numel() ** 0.5), rtol=1e-5, atol=0
+    )
+
+
+def test_increlora_adds_ranks_to_the_most_important_layers_and_never_past_the_budget():
+    from pathopeft.adapters.increlora import allocate, increlora_deltas, total_rank
+
+    model = adapters.create("increlora", _mlp(), rank=2, targets=["0", "2"], init_rank=1, warmup_steps=0,
+                            interval=1, top_h=1, ranks_per_step=3)  # fmt: skip
+    first, second = increlora_deltas(model)
+    first.ema_ipt, first.ema_unc, second.ema_ipt, second.ema_unc = 1.0, 1.0, 2.0, 2.0
+    assert allocate(model, 1) == 2  # budget 2 x 2 = 4, 2 in use: the addition of 3 is cut to 2
+    assert (first.rank, second.rank) == (1, 3)  # to the higher score only (top_h 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    x, target = torch.randn(16, 24), torch.randn(16, 10)
+    model.train()
+    for step in range(2, 12):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        allocate(model, step)
+        opt.step()
+        assert total_rank(model) <= 4
+    assert total_rank(model) == 4
