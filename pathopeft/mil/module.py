@@ -147,6 +147,11 @@ class ContinualMILModule(pl.LightningModule):
         if self.strategy is not None:
             self.strategy.after_backward(self.net, self.step)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.strategy is not None:
+            total = int(self.trainer.estimated_stepping_batches)
+            self.strategy.after_step(self.net, self.step, self.global_step, total)
+
     def on_train_epoch_start(self) -> None:
         # Lightning keeps the mode a module arrives in; evaluation between tasks leaves the net in eval mode,
         # and training a later task with dropout off (and differently from a resumed run) was a bug

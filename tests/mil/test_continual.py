@@ -327,3 +327,17 @@ def test_a_folder_with_a_pickled_net_is_refused_with_one_line(manifest, tmp_path
     ):
         run_continual(cfg)
     assert issubclass(StaleCheckpointError, UserError)
+
+
+def test_codyra_strategy_thresholds_gates_while_training_and_merges_them_at_the_task_boundary(manifest, tmp_path):
+    """CoDyRA as a continual strategy: the gates reach exact zeros during a task (its after-step threshold) and
+    the adapter never grows — after the second task the saved adapter has the first one's shapes."""
+    from safetensors.torch import load_file
+
+    state = run_continual(_cfg(manifest, tmp_path, strategy="codyra", codyra={"r": 4, "xi_max": 0.3, "levels": 2}))
+    assert state["done"] == 2
+    tensors = load_file(str(tmp_path / "codyra-class" / "task_1" / "adapters" / "adapter_model.safetensors"))
+    gates = [v for k, v in tensors.items() if k.endswith(".gate")]
+    assert gates
+    assert all(g.shape == (4,) for g in gates)  # one gated LoRA of rank 4 per layer, not one per task
+    assert sum(int((g == 0).sum()) for g in gates) > 0  # thresholded to exact zeros during the task

@@ -32,6 +32,7 @@ from pathopeft.mil.strategies import derpp
 from pathopeft.mil.strategies import lwf
 from pathopeft.mil.strategies import agem
 from pathopeft.mil.strategies import inflora
+from pathopeft.mil.strategies import codyra
 from pathopeft.mil.strategies import joint
 
 # isort: on
@@ -42,6 +43,7 @@ __all__ = [
     "Strategy",
     "StrategyStateError",
     "agem",
+    "codyra",
     "comel",
     "derpp",
     "erace",

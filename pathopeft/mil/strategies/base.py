@@ -98,6 +98,9 @@ class Strategy:
     def after_backward(self, net: nn.Module, t: int) -> None:
         """Called after every ``backward`` of step ``t``, before the optimizer step: may edit ``.grad``."""
 
+    def after_step(self, net: nn.Module, t: int, step: int, total: int) -> None:
+        """Called after every optimiser step of step ``t`` (``step`` of about ``total`` in this step's fit)."""
+
     def after_task(self, net: nn.Module, t: int) -> nn.Module:
         """The net after step ``t`` trained, before it is evaluated and saved. Changes to the net land in the
         saved state dict; state kept for later steps must go through :meth:`save_state`. On resume it is not
