@@ -338,3 +338,26 @@ def test_increlora_adds_ranks_to_the_most_important_layers_and_never_past_the_bu
         opt.step()
         assert total_rank(model) <= 4
     assert total_rank(model) == 4
+
+
+# --- ALLoRA -------------------------------------------------------------------------------------------------
+def test_allora_scales_each_output_rows_gradient_by_its_norm_and_leaves_the_input_gradient_alone():
+    model = adapters.create("allora", _mlp(), rank=3, targets=["0"], eta_sq=2.0)
+    delta, base = _delta(model)
+    with torch.no_grad():
+        delta.B.normal_(0, 0.5)
+    x = torch.randn(6, 24, requires_grad=True)
+    model.train()
+    model(x).pow(2).sum().backward()
+    dw = (delta.B @ delta.A).detach()
+    # the plain gradient of the same loss w.r.t. ΔW, computed without the adapter's hook
+    w = (base.weight + dw).detach().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    model.base_model[2](nn.functional.relu(nn.functional.linear(x2, w, base.bias))).pow(2).sum().backward()
+    scale = 1.0 / torch.sqrt(dw.norm(dim=1) + 1.0 / 2.0)  # 1/sqrt(||(BA)_i|| + 1/eta^2), the norm not squared
+    g = w.grad * scale[:, None]
+    torch.testing.assert_close(delta.B.grad, g @ delta.A.detach().T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta.A.grad, delta.B.detach().T @ g, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)  # earlier layers see the plain gradient
+    assert not torch.allclose(scale, scale[0].expand_as(scale))  # rows really differ
+    torch.testing.assert_close(delta.delta_weight(base), delta.B @ delta.A)  # no alpha/r
