@@ -361,3 +361,46 @@ def test_allora_scales_each_output_rows_gradient_by_its_norm_and_leaves_the_inpu
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)  # earlier layers see the plain gradient
     assert not torch.allclose(scale, scale[0].expand_as(scale))  # rows really differ
     torch.testing.assert_close(delta.delta_weight(base), delta.B @ delta.A)  # no alpha/r
+
+
+# --- PEGO ---------------------------------------------------------------------------------------------------
+def test_pego_regulariser_is_zero_exactly_when_members_are_orthogonal_to_w_and_to_each_other():
+    from pathopeft.adapters.pego import pego_loss
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 16))
+    model = adapters.create("pego", net, rank=2, targets=["0"], members=2, reg_weight=1.0)
+    delta, base = _delta(model)
+    # an orthonormal basis of R^24 whose first 16 vectors span W's rows: the other 8 are orthogonal to W
+    Q, _ = torch.linalg.qr(torch.cat([base.weight.detach().T, torch.randn(24, 8)], 1))
+    free = Q[:, 16:].T  # 8 directions orthogonal to every row of W
+    with torch.no_grad():
+        delta.A[0, 0] = free[:2]  # member 0 in directions 0-1, member 1 in directions 2-3: mutually orthogonal
+        delta.A[1, 0] = free[2:4]
+        delta.B.normal_()
+    assert float(pego_loss(model).detach()) < 1e-4
+    torch.testing.assert_close(delta.delta_weight(base), delta.B[0, 0] @ delta.A[0, 0] + delta.B[1, 0] @ delta.A[1, 0])
+    with torch.no_grad():
+        delta.A[1, 0, 0] = free[0]  # member 1 now shares a direction with member 0: diversify > 0
+    dws = delta.member_updates()[:, 0].detach()
+    assert float(pego_loss(model).detach()) == pytest.approx(float((dws[0] @ dws[1].T).abs().sum()), rel=1e-4)
+    with torch.no_grad():
+        delta.A[1, 0] = free[2:4] + 0.1 * base.weight.detach()[:2]  # back to orthogonal members, but into W's rows
+    w = base.weight.detach()
+    expected = sum(float((w @ dws_i.T).abs().sum()) for dws_i in delta.member_updates()[:, 0].detach())
+    assert float(pego_loss(model).detach()) >= expected > 1e-3  # the preserve term
+
+
+def test_pego_adapts_q_and_v_of_a_fused_qkv_layer_only():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=0, img_size=32, patch_size=16)
+    model = adapters.create("pego", vit, rank=2, targets=["blocks.0.attn.qkv"], members=2)
+    layer = model.base_model.get_submodule("blocks.0.attn.qkv")
+    delta = layer.deltas["default"]
+    with torch.no_grad():
+        delta.B.normal_()
+    dw = delta.delta_weight(layer.base_layer)
+    third = dw.shape[0] // 3
+    assert float(dw[third : 2 * third].abs().sum()) == 0.0  # k untouched
+    assert float(dw[:third].abs().sum()) > 0 and float(dw[2 * third :].abs().sum()) > 0  # noqa: PT018
