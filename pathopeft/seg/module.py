@@ -79,6 +79,9 @@ class SegModule(pl.LightningModule):
         max_epochs: length of the cosine learning-rate schedule; ``None`` = the Trainer's ``max_epochs``
             (no schedule if that is unbounded).
         bf16: bfloat16 autocast in ``forward`` when running on CUDA.
+        optimizer: ``"adamw"``, or ``"dct-adamw"`` (:class:`pathopeft.optim.DctAdamW`, low-rank DCT gradient
+            projection for full fine-tuning, rank ``dct_rank``); an adapter whose registry entry names its own
+            optimiser (LoRA-Pro) uses that.
     """
 
     def __init__(
@@ -90,6 +93,8 @@ class SegModule(pl.LightningModule):
         weight_decay: float = 1e-4,
         max_epochs: int | None = None,
         bf16: bool = True,
+        optimizer: Literal["adamw", "dct-adamw"] = "adamw",
+        dct_rank: int = 64,
     ) -> None:
         super().__init__()
         self._nonfinite: torch.Tensor | None = None  # non-finite training losses, counted on the device
@@ -106,10 +111,15 @@ class SegModule(pl.LightningModule):
                 "weight_decay": weight_decay,
                 "max_epochs": max_epochs,
                 "bf16": bf16,
+                "optimizer": optimizer,
+                "dct_rank": dct_rank,
             }
         )
         self.loss_fn = _make_loss(loss, include_background)
         self.lr, self.weight_decay, self.max_epochs, self.bf16 = lr, weight_decay, max_epochs, bf16
+        if optimizer not in ("adamw", "dct-adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adamw' or 'dct-adamw'")
+        self.optimizer_name, self.dct_rank = optimizer, dct_rank
         self.val_scores = DiceIoU(self.model.n_classes)
 
     @property
@@ -196,7 +206,12 @@ class SegModule(pl.LightningModule):
             no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
             groups = [{"params": ps, "weight_decay": wd}
                       for ps, wd in ((decay, self.weight_decay), (no_decay, 0.0)) if ps]  # fmt: skip
-            opt = torch.optim.AdamW(groups, lr=self.lr)
+            if self.optimizer_name == "dct-adamw":
+                from pathopeft.optim import DctAdamW
+
+                opt = DctAdamW(groups, lr=self.lr, rank=self.dct_rank)
+            else:
+                opt = torch.optim.AdamW(groups, lr=self.lr)
         epochs = self.max_epochs
         if epochs is None and self._trainer is not None:
             epochs = self.trainer.max_epochs

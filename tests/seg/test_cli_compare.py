@@ -121,6 +121,35 @@ def test_compare_sweeps_each_method_over_its_own_learning_rates(glas_manifest, t
 
 
 @pytest.mark.shared
+def test_compare_never_shares_one_learning_rate_across_methods(glas_manifest, tmp_path, monkeypatch):
+    """LoRAFactory's finding (the learning rate matters more than the variant) is why each method is scored at
+    its own best LR: here LoRA is best at 1e-2 and DoRA at 1e-3, and each row reports and reruns its own."""
+    from pathopeft.seg import compare
+
+    val = {("lora", 1e-3): 0.5, ("lora", 1e-2): 0.7, ("dora", 1e-3): 0.8, ("dora", 1e-2): 0.6}
+    calls = []
+
+    def fake_run(cfg, method, lr, seed, dm, out):
+        calls.append((method, lr, seed))
+        d = val[(method, lr)] + 0.01 * seed
+        return {"method": method, "lr": lr, "seed": seed, "val_dice": d, "test_dice": d, "test_iou": d / 2,
+                "trainable": 10, "total": 100, "peak_mib": 1.0, "s_per_step": 0.1,
+                "grid": {0: torch.zeros(4, 4, dtype=torch.uint8)}}  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_cached", fake_run)
+    monkeypatch.setattr(compare, "picture_grid", lambda *a, **k: None)
+    cfg = CompareConfig(manifest=str(glas_manifest), out_dir=str(tmp_path / "cmp"), methods=["lora", "dora"],
+                        lrs=[1e-3, 1e-2], seeds=[0, 1], val_fraction=0.25)  # fmt: skip
+    rows = {r["method"]: r for r in run_compare(cfg)}
+    assert rows["lora"]["best_lr"] == 1e-2
+    assert rows["dora"]["best_lr"] == 1e-3
+    assert ("lora", 1e-2, 1) in calls
+    assert ("dora", 1e-3, 1) in calls  # the extra seed at each method's own LR
+    assert ("lora", 1e-3, 1) not in calls
+    assert ("dora", 1e-2, 1) not in calls
+
+
+@pytest.mark.shared
 def test_a_failing_run_is_reported_and_retried_without_stopping_the_compare(glas_manifest, tmp_path, monkeypatch):
     from pathopeft.seg import compare
 
@@ -361,6 +390,10 @@ def test_an_adapter_entry_with_its_own_optimizer_trains_with_it_in_seg_module(tm
     opt = SegModule(build_model(cfg, "lorapro", 0), lr=1e-3).configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     assert isinstance(opt, LoraProAdamW)
+    from pathopeft.optim import DctAdamW
+
+    full = SegModule(build_model(cfg, "full", 0), lr=1e-3, optimizer="dct-adamw", dct_rank=4).configure_optimizers()
+    assert isinstance(full["optimizer"] if isinstance(full, dict) else full, DctAdamW)
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     model = build_model(cfg, "lorapro", 0)
     assert len(trained) == sum(1 for p in model.parameters() if p.requires_grad)  # decoder + LoRA, nothing lost
