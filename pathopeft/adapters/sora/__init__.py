@@ -125,32 +125,16 @@ def sora_loss(model: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def prune_to_lora(adapter_model: nn.Module) -> nn.Module:
-    """A plain PEFT LoRA with each layer's zero-gate ranks removed and g folded into B (per-layer ranks through
-    ``rank_pattern``, the scale kept through ``alpha_pattern``): the same outputs as the gated adapter. Layers
-    with no live rank get no adapter. ``adapter_model`` is unloaded (its base model is reused)."""
-    import peft
+    """A plain PEFT LoRA with each layer's zero-gate ranks removed and g folded into B (per-layer ranks, the scale
+    folded in): the same outputs as the gated adapter. Layers with no live rank get no adapter.
+    ``adapter_model`` is unloaded (its base model is reused)."""
+    from pathopeft.adapters.merging import lora_from_factors
 
-    kept: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    kept = {}
     for name, d in gated_deltas(adapter_model.base_model).items():
         keep = d.gate != 0
-        if keep.any():
-            kept[name] = ((d.B[:, keep] * d.gate[keep]).clone(), d.A[keep].clone(), float(d.scale))
-    base = adapter_model.unload()
-    if not kept:
-        return base
-    ranks = {n: int(b.shape[1]) for n, (b, _, _) in kept.items()}
-    cfg = peft.LoraConfig(
-        r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(kept), lora_dropout=0.0,
-        rank_pattern={f"^{n}$": k for n, k in ranks.items()},
-        alpha_pattern={f"^{n}$": s * ranks[n] for n, (_, _, s) in kept.items()},
-    )  # fmt: skip
-    model = peft.get_peft_model(base, cfg)
-    for name, (B, A, _) in kept.items():
-        layer = model.base_model.model.get_submodule(name)
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        a.copy_(A.reshape(a.shape))
-        b.copy_(B.reshape(b.shape))
-    return model
+        kept[name] = ((d.scale * d.B[:, keep] * d.gate[keep]).clone(), d.A[keep].clone())
+    return lora_from_factors(adapter_model.unload(), kept)
 
 
 register("sora", SoraConfig, GatedLoraDelta, conv=True, identity_at_init=True, callback=GateThreshold,
