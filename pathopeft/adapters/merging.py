@@ -19,7 +19,13 @@ is PEFT's ``add_weighted_adapter(combination_type="cat")`` exactly.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,4 +118,97 @@ def delta_weights(factors: Factors) -> dict[str, torch.Tensor]:
     return {n: B @ A for n, (B, A) in factors.items()}
 
 
-__all__ = ["Factors", "delta_weights", "lego_merge", "lora_from_factors", "peft_lora_factors"]
+# --- merging saved PEFT LoRA folders (``pathopeft adapters merge``) -------------------------------------------
+_PREFIX = "base_model.model."
+
+
+def read_peft_lora(directory: str | os.PathLike[str]) -> tuple[Factors, dict[str, tuple[tuple, tuple]], dict]:
+    """(factors with PEFT's scale folded into B, each layer's (A, B) tensor shapes, the config) of a saved PEFT
+    LoRA folder; anything else is an :class:`~pathopeft.adapters.serialization.AdapterLoadError` naming the file."""
+    from pathopeft.adapters.serialization import AdapterLoadError, read_json, read_safetensors
+
+    d = Path(directory)
+    cfg = read_json(d / "adapter_config.json")
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise AdapterLoadError(f"{d / 'adapter_config.json'}: not a PEFT LoRA adapter (peft_type "
+                               f"{cfg.get('peft_type')!r}{', DoRA' if cfg.get('use_dora') else ''})")  # fmt: skip
+    tensors = read_safetensors(d / "adapter_model.safetensors")
+    factors: Factors = {}
+    shapes: dict[str, tuple[tuple, tuple]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight").removeprefix(_PREFIX)
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise AdapterLoadError(f"{d / 'adapter_model.safetensors'}: {key} has no lora_B")
+        r = a.shape[0]
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", r))
+        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        factors[name] = (scale * b.float().reshape(b.shape[0], -1), a.float().reshape(r, -1))
+        shapes[name] = (tuple(a.shape), tuple(b.shape))
+    if not factors:
+        raise AdapterLoadError(f"{d / 'adapter_model.safetensors'}: no LoRA weights in it")
+    return factors, shapes, cfg
+
+
+def _pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: the first key that matches the end of the layer's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key.removeprefix('^').removesuffix('$')})$", name):
+            return value
+    return default
+
+
+def merge_lora_dirs(
+    dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], method: str = "cat",
+    k: int | None = None, weights: Sequence[float] | None = None, seed: int = 0,
+) -> Path:  # fmt: skip
+    """Merge saved PEFT LoRA folders of one base model into one PEFT LoRA folder at ``out``: ``cat`` (Σ λᵢ ΔWᵢ
+    exactly, ranks concatenated: PEFT's ``combination_type="cat"``) or ``lego`` (LoRA-LEGO at rank ``k``)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from pathopeft.adapters.serialization import AdapterLoadError, read_json
+    from pathopeft.io import atomic_write_bytes, atomic_write_text
+
+    if len(dirs) < 2:
+        raise AdapterLoadError("adapters merge: give at least two adapter folders")
+    lams = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
+    if len(lams) != len(dirs):
+        raise AdapterLoadError(f"adapters merge: {len(dirs)} folders but {len(lams)} weights")
+    loaded = [read_peft_lora(d) for d in dirs]
+    bases = [read_json(Path(d) / "pathopeft_base.json") if (Path(d) / "pathopeft_base.json").is_file() else None
+             for d in dirs]  # fmt: skip
+    for d, b in zip(dirs[1:], bases[1:], strict=True):
+        if b != bases[0] or set(loaded[0][0]) != set(read_peft_lora(d)[0]):
+            raise AdapterLoadError(f"{d}: made for another base model or other layers than {dirs[0]}")
+    sets = [{n: (lam * B, A) for n, (B, A) in f.items()} for (f, _, _), lam in zip(loaded, lams, strict=True)]
+    if method == "cat":
+        merged = {n: (torch.cat([s[n][0] for s in sets], 1), torch.cat([s[n][1] for s in sets], 0)) for n in sets[0]}
+    elif method == "lego":
+        if not k:
+            raise AdapterLoadError("adapters merge --method lego needs --k (the merged rank)")
+        merged = lego_merge(sets, k, seed=seed)
+    else:
+        raise AdapterLoadError(f"adapters merge: unknown method {method!r} (cat | lego)")
+    shapes, cfg = loaded[0][1], dict(loaded[0][2])
+    tensors, ranks = {}, {}
+    for name, (B, A) in merged.items():
+        (a_shape, b_shape), r = shapes[name], A.shape[0]
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.reshape(r, *a_shape[1:]).contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.reshape(b_shape[0], r, *b_shape[2:]).contiguous()
+        ranks[name] = r
+    top = max(ranks.values())
+    cfg.update(r=top, lora_alpha=top, use_rslora=False, rank_pattern={f"^{n}$": r for n, r in ranks.items()},
+               alpha_pattern={f"^{n}$": r for n, r in ranks.items()}, target_modules=sorted(ranks))  # fmt: skip
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(o / "adapter_model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_text(o / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
+    if bases[0] is not None:
+        atomic_write_text(o / "pathopeft_base.json", json.dumps(bases[0], indent=2) + "\n")
+    return o
+
+
+__all__ = ["Factors", "delta_weights", "lego_merge", "lora_from_factors", "merge_lora_dirs", "peft_lora_factors",
+           "read_peft_lora"]  # fmt: skip

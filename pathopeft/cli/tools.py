@@ -1,4 +1,4 @@
-"""``pathopeft adapters list|count|info``, ``pathopeft data sample`` and ``pathopeft doctor``."""
+"""``pathopeft adapters list|count|info|merge``, ``pathopeft data sample`` and ``pathopeft doctor``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,14 @@ def cmd_adapters_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_merge(args: argparse.Namespace) -> int:
+    from pathopeft.adapters.merging import merge_lora_dirs
+
+    out = merge_lora_dirs(args.adapter_dirs, args.out, args.method, args.k, args.weights, args.seed)
+    print(f"merged {len(args.adapter_dirs)} LoRA adapters ({args.method}) into {out}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register this group's sub-commands on the top-level sub-parsers."""
     data = sub.add_parser("data", help="sample data").add_subparsers(dest="cmd", required=True)
@@ -127,6 +135,15 @@ def add_commands(sub: Any) -> None:
     p = ad.add_parser("info", help="print an adapter folder's config and base-model fingerprint")
     p.add_argument("adapter_dir", type=Path)
     p.set_defaults(func=cmd_adapters_info)
+    p = ad.add_parser("merge", help="merge saved PEFT LoRA folders of one base model into one LoRA (cat | lego)")
+    p.add_argument("adapter_dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--method", choices=["cat", "lego"], default="cat",
+                   help="cat: the exact sum (ranks concatenated); lego: LoRA-LEGO's rank-wise clustering to --k")  # fmt: skip
+    p.add_argument("--k", type=int, help="merged rank for lego")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapters_merge)
 
     p = sub.add_parser("doctor", help="report versions and hardware")
     p.set_defaults(func=cmd_doctor)

@@ -111,3 +111,34 @@ def test_lora_lego_clusters_units_into_k_reweighted_centroids():
     assert torch.isclose(norms, torch.stack(members).mean(), rtol=1e-4).any()  # rescaled to the members' mean
     cos = torch.nn.functional.cosine_similarity(A, a.expand_as(A), dim=1)
     assert cos.abs().max() > 0.99  # one centroid lies along the shared direction (signs aligned first)
+
+
+def test_adapters_merge_command_writes_a_lora_that_loads_and_computes_the_sum(tmp_path, capsys):
+    from pathopeft.cli import main
+
+    for i, r in enumerate((3, 2)):
+        torch.manual_seed(10 + i)
+        model = adapters.create("lora", _mlp(), rank=r, targets=["0", "2"], alpha=2 * r)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+        adapters.save(model, tmp_path / f"t{i}")
+    assert main(["adapters", "merge", str(tmp_path / "t0"), str(tmp_path / "t1"), "--out", str(tmp_path / "m")]) == 0
+    merged = adapters.load(_mlp(), tmp_path / "m").merge_and_unload()
+    plain = [adapters.load(_mlp(), tmp_path / f"t{i}").merge_and_unload() for i in range(2)]
+    base = _mlp()
+    for layer in (0, 2):
+        expected = base[layer].weight + sum(p[layer].weight - base[layer].weight for p in plain)
+        torch.testing.assert_close(merged[layer].weight, expected, atol=1e-5, rtol=1e-5)
+    assert main(["adapters", "merge", str(tmp_path / "t0"), str(tmp_path / "t1"), "--method", "lego", "--k", "2",
+                 "--out", str(tmp_path / "lego")]) == 0  # fmt: skip
+    lego = adapters.load(_mlp(), tmp_path / "lego")
+    assert sum(p.numel() for n, p in lego.named_parameters() if "lora_A" in n) == 2 * 24 + 2 * 16  # rank 2
+    capsys.readouterr()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    assert main(["adapters", "merge", str(tmp_path / "t0"), str(tmp_path / "bad"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "bad/adapter_config.json: not a PEFT LoRA adapter" in err
+    assert len(err.strip().splitlines()) == 1
