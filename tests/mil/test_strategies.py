@@ -41,10 +41,11 @@ def test_the_registry_holds_every_strategy_with_its_capabilities():
         "lwf",
         "agem",
         "inflora",
+        "codyra",
         "joint",
     ]
     assert STRATEGIES.names(bppl=True) == ["comel"]
-    assert STRATEGIES.names(adapters=True) == ["comel", "owlora", "lora"]
+    assert STRATEGIES.names(adapters=True) == ["comel", "owlora", "lora", "codyra"]
     assert STRATEGIES.names(ablation=True) == ["owlora"]
     assert STRATEGIES.names(all_tasks_at_once=True) == ["joint"]
     for name in STRATEGIES.names():
@@ -87,7 +88,20 @@ def test_cli_help_and_compare_default_come_from_the_registry(registry, capsys):
     assert (
         args.strategies
         == STRATEGIES.names(ablation=False)
-        == ["comel", "lora", "finetune", "ewc", "replay", "erace", "derpp", "lwf", "agem", "inflora", "joint"]
+        == [
+            "comel",
+            "lora",
+            "finetune",
+            "ewc",
+            "replay",
+            "erace",
+            "derpp",
+            "lwf",
+            "agem",
+            "inflora",
+            "codyra",
+            "joint",
+        ]
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["mil", "run", "--help"])
