@@ -50,6 +50,21 @@ def dct_project(g: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
     return (s[:, idx] if right else s[idx]), idx, right
 
 
+def adam_direction(state: dict[str, Any], grad: torch.Tensor, betas: tuple[float, float], eps: float) -> torch.Tensor:
+    """Fold ``grad`` into Adam's moments kept in ``state`` (created at the first call, float32) and return the
+    bias-corrected direction m̂ / (√v̂ + ε); the step count lives in ``state["step"]``."""
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+    b1, b2 = betas
+    state["step"] += 1
+    t, g = state["step"], grad.float()
+    state["exp_avg"].lerp_(g, 1 - b1)
+    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+    return state["exp_avg"] / (1 - b1**t) / ((state["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+
+
 class DctAdamW(torch.optim.Optimizer):
     """AdamW whose moments live in an r-dimensional DCT subspace of each matrix gradient (see the module)."""
 
@@ -75,7 +90,6 @@ class DctAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -92,15 +106,7 @@ class DctAdamW(torch.optim.Optimizer):
                         c = dct_matrix(state["size"]).to(g2.device)
                         proj = g2 @ c[state["idx"]].T if state["right"] else c[state["idx"]] @ g2
                     g = proj
-                if "exp_avg" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(g)
-                    state["exp_avg_sq"] = torch.zeros_like(g)
-                state["step"] += 1
-                t = state["step"]
-                state["exp_avg"].lerp_(g, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                u = state["exp_avg"] / (1 - b1**t) / ((state["exp_avg_sq"] / (1 - b2**t)).sqrt() + group["eps"])
+                u = adam_direction(state, g, group["betas"], group["eps"])
                 if low_rank:
                     c = dct_matrix(state["size"]).to(u.device)[state["idx"]]
                     u = (u @ c if state["right"] else c.T @ u).reshape(p.shape)
@@ -109,4 +115,4 @@ class DctAdamW(torch.optim.Optimizer):
         return loss
 
 
-__all__ = ["DctAdamW", "dct_matrix", "dct_project"]
+__all__ = ["DctAdamW", "adam_direction", "dct_matrix", "dct_project"]

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pathopeft.optim import adam_direction
+
 DAMPING = 1e-8  # added to BᵀB and AAᵀ before the pseudo-inverse, as the code
 
 
@@ -108,23 +110,8 @@ class LoraProAdamW(torch.optim.Optimizer):
                         self._adamw_step(p, p.grad, group)
         return loss
 
-    def _moments(self, key: nn.Parameter, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Adam's bias-corrected direction for ``grad``, with the moments kept in ``state[key]``."""
-        state = self.state[key]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-        b1, b2 = group["betas"]
-        state["step"] += 1
-        t = state["step"]
-        state["exp_avg"].lerp_(grad.float(), 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(grad.float(), grad.float(), value=1 - b2)
-        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-        return state["exp_avg"] / (1 - b1**t) / denom
-
     def _adamw_step(self, p: nn.Parameter, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        direction = self._moments(p, grad, group)
+        direction = adam_direction(self.state[p], grad, group["betas"], group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction.to(p.dtype), alpha=-group["lr"])
 
@@ -134,7 +121,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         A, B = a.detach().reshape(a.shape[0], -1).float(), b.detach().reshape(b.shape[0], -1).float()
         gA_raw, gB_raw = a.grad.reshape(A.shape).float(), b.grad.reshape(B.shape).float()
         eq = equivalent_gradient(A, B, *project(A, B, gA_raw, gB_raw, s), s)  # the full-weight gradient estimate
-        direction = self._moments(a, eq, group)  # Adam on the m×n equivalent gradient (state kept under A)
+        direction = adam_direction(self.state[a], eq, group["betas"], group["eps"])  # on the m×n equivalent gradient
         gA, gB = project(A, B, s * B.T @ direction, s * direction @ A.T, s)
         for p, g in ((a, gA), (b, gB)):
             p.mul_(1 - group["lr"] * group["weight_decay"])
