@@ -60,8 +60,10 @@ class GatedLoraDelta(Delta):
         self.B = nn.Parameter(torch.zeros(self.out_features, r))
         self.gate = nn.Parameter(torch.randn(r))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        alpha = getattr(config, "alpha", None)
-        self.scale = (alpha if alpha is not None else r) / r if hasattr(config, "alpha") else 1.0
+        if hasattr(config, "alpha"):  # SoRA: alpha / r (alpha None: r); CoDyRA's config has no alpha: scale 1
+            self.scale = (config.alpha if config.alpha is not None else r) / r
+        else:
+            self.scale = 1.0
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.scale * ((self.B * self.gate) @ self.A)
