@@ -28,6 +28,7 @@ WSI = sorted((CONFIGS / "wsi").glob("*.yaml"))
 SEG_COMPARE = sorted((CONFIGS / "seg").glob("compare_*.yaml"))
 SEG_FIT = sorted(p for p in (CONFIGS / "seg").glob("*.yaml") if not p.name.startswith("compare_"))
 MIL = sorted((CONFIGS / "mil").glob("*.yaml"))
+FED = sorted((CONFIGS / "fed").glob("*.yaml"))
 PIPELINES = sorted((CONFIGS / "pipelines").glob("*.yaml"))  # configs/pipelines/<name>.yaml: pipelines/<name>.py
 
 
@@ -54,8 +55,8 @@ def _check_input(path: str | None) -> None:
 
 def test_every_shipped_config_is_checked() -> None:
     every = set(CONFIGS.rglob("*.yaml")) | set(CONFIGS.rglob("*.yml"))
-    assert every == {*WSI, *SEG_COMPARE, *SEG_FIT, *MIL, *PIPELINES}, "a config in configs/ that no test parses"
-    assert all((WSI, SEG_COMPARE, SEG_FIT, MIL))
+    assert every == {*WSI, *SEG_COMPARE, *SEG_FIT, *MIL, *FED, *PIPELINES}, "a config in configs/ that no test parses"
+    assert all((WSI, SEG_COMPARE, SEG_FIT, MIL, FED))
 
 
 @pytest.mark.parametrize("path", [*WSI, *SEG_COMPARE, *SEG_FIT], ids=_name)
@@ -103,6 +104,17 @@ def test_mil_config_is_a_continual_config(path: Path) -> None:
     from pathopeft.mil.continual import ContinualConfig
 
     assert isinstance(load_config(ContinualConfig, path), ContinualConfig)
+
+
+@pytest.mark.parametrize("path", FED, ids=_name)
+def test_fed_config_is_a_federated_config(path: Path) -> None:
+    from pathopeft.mil.federated import FederatedConfig
+
+    cfg = load_config(FederatedConfig, path, path_fields=("manifest", "init"))
+    assert Path(cfg.manifest).is_absolute()
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "relative to this file" in header
+    assert "working directory" in header
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=_name)

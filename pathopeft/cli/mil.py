@@ -1,4 +1,4 @@
-"""``pathopeft mil run|compare``: continual MIL from a YAML."""
+"""``pathopeft mil run|compare|federated|heatmap``: continual and federated MIL from a YAML."""
 
 from __future__ import annotations
 
@@ -36,6 +36,19 @@ def cmd_mil_compare(args: argparse.Namespace) -> int:
 
 #: Input paths of a ``seg fit`` YAML (dotted keys), resolved against the YAML before LightningCLI reads it: jsonargparse
 #: resolves config-relative paths only for ``Path``-typed arguments, and these are ``str``.
+
+
+def cmd_mil_federated(args: argparse.Namespace) -> int:
+    """FedSVD / FedAvg-LoRA on Flower, or the centralised baseline, from a YAML (``pathopeft.mil.federated``)."""
+    from pathopeft.config import load_config
+    from pathopeft.mil.federated import FederatedConfig, run_federated
+
+    overrides = {"method": args.method, "out_dir": args.out_dir, "rounds": args.rounds, "seed": args.seed}
+    cfg = load_config(FederatedConfig, args.config, overrides, ("manifest", "init"))
+    result = run_federated(cfg)
+    accs = ", ".join(f"{h['test_acc']:.3f}" for h in result["history"])
+    print(f"{cfg.method}: {len(result['clients'])} clients {result['clients']} bags; test accuracy by round: {accs}")
+    return 0
 
 
 def cmd_mil_heatmap(args: argparse.Namespace) -> int:
@@ -100,6 +113,13 @@ def add_commands(sub: Any) -> None:
                 help=f"strategies to compare (default: all but the ablations; known: {', '.join(STRATEGIES.names())})",
             )  # fmt: skip
             p.set_defaults(func=cmd_mil_compare)
+    p = mil.add_parser("federated", help="multi-hospital LoRA training on Flower: fedsvd | fedavg | central")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--method", choices=["fedsvd", "fedavg", "central"])
+    p.add_argument("--out-dir")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_mil_federated)
     p = mil.add_parser("heatmap", help="tile scores of a finished run as QuPath GeoJSON (File › Import objects) + PNG")
     p.add_argument("run_dir", type=Path, help="a `pathopeft mil run` output folder (with tile_scores.h5)")
     p.add_argument("--slides", nargs="+", help="slide ids (default: every scored test slide)")
