@@ -141,17 +141,24 @@ def truncate_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], r
     """Write the rank-``rank`` DyLoRA adapter that ``src`` (a saved DyLoRA adapter folder) contains: its first
     ``rank`` rows of A and columns of B, α kept, so it loads as an ordinary rank-``rank`` adapter and computes
     what ``src`` computes at that rank."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save as safetensors_bytes
 
-    from pathopeft.adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
+    from pathopeft.adapters.serialization import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        AdapterLoadError,
+        read_json,
+        read_safetensors,
+    )
+    from pathopeft.io import atomic_write_bytes, atomic_write_text
 
     src, dst = Path(src), Path(dst)
-    cfg = json.loads((src / CONFIG_NAME).read_text())
+    cfg = read_json(src / CONFIG_NAME)  # unreadable: one error naming the file
     if cfg.get("adapter_type") != "dylora":
-        raise ValueError(f"{src / CONFIG_NAME}: not a DyLoRA adapter (adapter_type {cfg.get('adapter_type')!r})")
+        raise AdapterLoadError(f"{src / CONFIG_NAME}: not a DyLoRA adapter (adapter_type {cfg.get('adapter_type')!r})")
     if not 1 <= rank <= cfg["r"]:
-        raise ValueError(f"{src}: rank {rank} is outside 1..{cfg['r']}")
-    tensors = load_file(str(src / WEIGHTS_NAME))
+        raise AdapterLoadError(f"{src}: rank {rank} is outside 1..{cfg['r']}")
+    tensors = read_safetensors(src / WEIGHTS_NAME)
     out = {}
     for k, v in tensors.items():
         if k.endswith(".dylora.A"):
@@ -163,9 +170,8 @@ def truncate_adapter(src: str | os.PathLike[str], dst: str | os.PathLike[str], r
     cfg["r"], cfg["eval_rank"] = rank, None
     cfg["rank_sweep"] = [b for b in cfg.get("rank_sweep", []) if b <= rank]
     dst.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt"}
-    save_file(out, str(dst / WEIGHTS_NAME), metadata=metadata)
-    (dst / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    atomic_write_bytes(dst / WEIGHTS_NAME, safetensors_bytes(out, metadata={"format": "pt"}))
+    atomic_write_text(dst / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
     return dst
 
 
