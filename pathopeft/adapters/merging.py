@@ -179,8 +179,8 @@ def merge_lora_dirs(
     loaded = [read_peft_lora(d) for d in dirs]
     bases = [read_json(Path(d) / "pathopeft_base.json") if (Path(d) / "pathopeft_base.json").is_file() else None
              for d in dirs]  # fmt: skip
-    for d, b in zip(dirs[1:], bases[1:], strict=True):
-        if b != bases[0] or set(loaded[0][0]) != set(read_peft_lora(d)[0]):
+    for d, b, (f, _, _) in zip(dirs[1:], bases[1:], loaded[1:], strict=True):
+        if b != bases[0] or set(loaded[0][0]) != set(f):
             raise AdapterLoadError(f"{d}: made for another base model or other layers than {dirs[0]}")
     sets = [{n: (lam * B, A) for n, (B, A) in f.items()} for (f, _, _), lam in zip(loaded, lams, strict=True)]
     if method == "cat":
