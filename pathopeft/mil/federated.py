@@ -11,7 +11,7 @@ simulation engine runs the clients (``flwr.simulation.run_simulation``: one Serv
 nothing here talks to a network.
 
 Set-up chosen here: the frozen MIL net is the configured model built from ``seed`` (the same everywhere: the
-"pretrained" weights; ``init`` loads a trained one), PEFT LoRA of rank ``rank`` on the layers the official
+"pretrained" weights; ``init`` loads a trained one from a ``.safetensors`` state dict), PEFT LoRA of rank ``rank`` on the layers the official
 OWLoRA recipe adapts, the bag classifier trained and averaged; clients are the manifest's ``site`` column when it
 has one, else the training slides dealt round-robin; local training is plain SGD over ``local_steps`` bags per
 round (the code's optimiser for ViT/RoBERTa); the server evaluates accuracy on every test bag after each round.
@@ -47,7 +47,7 @@ class FederatedConfig:
     method: str = "fedsvd"
     model: str = "abmil"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    init: str | None = None  # a state dict of the MIL net to start from (None: built from seed)
+    init: str | None = None  # a .safetensors state dict of the MIL net to start from (None: built from seed)
     rank: int = 4
     clients: int = 3
     rounds: int = 5
@@ -73,8 +73,10 @@ def build_model(cfg: FederatedConfig, in_dim: int) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     net = create_mil_model(cfg.model, in_dim, len(cfg.classes), **cfg.model_kwargs)
-    if cfg.init:
-        net.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
+    if cfg.init:  # a plain state dict, e.g. a continual run's task_<t>/net.safetensors
+        from pathopeft.adapters.serialization import read_safetensors
+
+        net.load_state_dict(read_safetensors(Path(cfg.init)))
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=adapted_layers(net),
                            modules_to_save=None, lora_dropout=0.0)  # fmt: skip
     model = peft.get_peft_model(net, lora)
