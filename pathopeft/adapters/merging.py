@@ -160,28 +160,36 @@ def _pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def merge_lora_dirs(
-    dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], method: str = "cat",
-    k: int | None = None, weights: Sequence[float] | None = None, seed: int = 0,
-) -> Path:  # fmt: skip
-    """Merge saved PEFT LoRA folders of one base model into one PEFT LoRA folder at ``out``: ``cat`` (Σ λᵢ ΔWᵢ
-    exactly, ranks concatenated: PEFT's ``combination_type="cat"``) or ``lego`` (LoRA-LEGO at rank ``k``)."""
-    from safetensors.torch import save as safetensors_bytes
-
+def read_compatible_loras(
+    dirs: Sequence[str | os.PathLike[str]],
+) -> tuple[list[tuple[Factors, dict[str, tuple[tuple, tuple]], dict]], list[dict | None]]:
+    """:func:`read_peft_lora` of every folder and its base-model fingerprint, refusing (naming the folder) any
+    made for another base model or other layers than the first."""
     from pathopeft.adapters.serialization import AdapterLoadError, read_json
-    from pathopeft.io import atomic_write_bytes, atomic_write_text
 
-    if len(dirs) < 2:
-        raise AdapterLoadError("adapters merge: give at least two adapter folders")
-    lams = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
-    if len(lams) != len(dirs):
-        raise AdapterLoadError(f"adapters merge: {len(dirs)} folders but {len(lams)} weights")
     loaded = [read_peft_lora(d) for d in dirs]
     bases = [read_json(Path(d) / "pathopeft_base.json") if (Path(d) / "pathopeft_base.json").is_file() else None
              for d in dirs]  # fmt: skip
     for d, b, (f, _, _) in zip(dirs[1:], bases[1:], loaded[1:], strict=True):
         if b != bases[0] or set(loaded[0][0]) != set(f):
             raise AdapterLoadError(f"{d}: made for another base model or other layers than {dirs[0]}")
+    return loaded, bases
+
+
+def merge_lora_dirs(
+    dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], method: str = "cat",
+    k: int | None = None, weights: Sequence[float] | None = None, seed: int = 0,
+) -> Path:  # fmt: skip
+    """Merge saved PEFT LoRA folders of one base model into one PEFT LoRA folder at ``out``: ``cat`` (Σ λᵢ ΔWᵢ
+    exactly, ranks concatenated: PEFT's ``combination_type="cat"``) or ``lego`` (LoRA-LEGO at rank ``k``)."""
+    from pathopeft.adapters.serialization import AdapterLoadError
+
+    if len(dirs) < 2:
+        raise AdapterLoadError("adapters merge: give at least two adapter folders")
+    lams = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
+    if len(lams) != len(dirs):
+        raise AdapterLoadError(f"adapters merge: {len(dirs)} folders but {len(lams)} weights")
+    loaded, bases = read_compatible_loras(dirs)
     sets = [{n: (lam * B, A) for n, (B, A) in f.items()} for (f, _, _), lam in zip(loaded, lams, strict=True)]
     if method == "cat":
         merged = {n: (torch.cat([s[n][0] for s in sets], 1), torch.cat([s[n][1] for s in sets], 0)) for n in sets[0]}
@@ -191,24 +199,38 @@ def merge_lora_dirs(
         merged = lego_merge(sets, k, seed=seed)
     else:
         raise AdapterLoadError(f"adapters merge: unknown method {method!r} (cat | lego)")
-    shapes, cfg = loaded[0][1], dict(loaded[0][2])
+    return write_peft_lora(out, merged, loaded[0][1], loaded[0][2], bases[0])
+
+
+def write_peft_lora(
+    out: str | os.PathLike[str], factors: Factors, shapes: dict[str, tuple[tuple, tuple]], cfg: dict,
+    base: dict | None = None,
+) -> Path:  # fmt: skip
+    """Write ``factors`` (scale folded into B) as a PEFT LoRA folder at ``out`` with the tensor layouts of
+    ``shapes`` (as :func:`read_peft_lora` returns them), per-layer ranks at scale 1, and ``cfg``'s other keys;
+    ``base`` is the base-model fingerprint to keep beside it."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from pathopeft.io import atomic_write_bytes, atomic_write_text
+
     tensors, ranks = {}, {}
-    for name, (B, A) in merged.items():
+    for name, (B, A) in factors.items():
         (a_shape, b_shape), r = shapes[name], A.shape[0]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.reshape(r, *a_shape[1:]).contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.reshape(b_shape[0], r, *b_shape[2:]).contiguous()
         ranks[name] = r
     top = max(ranks.values())
+    cfg = dict(cfg)
     cfg.update(r=top, lora_alpha=top, use_rslora=False, rank_pattern={f"^{n}$": r for n, r in ranks.items()},
                alpha_pattern={f"^{n}$": r for n, r in ranks.items()}, target_modules=sorted(ranks))  # fmt: skip
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(o / "adapter_model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write_text(o / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
-    if bases[0] is not None:
-        atomic_write_text(o / "pathopeft_base.json", json.dumps(bases[0], indent=2) + "\n")
+    if base is not None:
+        atomic_write_text(o / "pathopeft_base.json", json.dumps(base, indent=2) + "\n")
     return o
 
 
 __all__ = ["Factors", "delta_weights", "lego_merge", "lora_from_factors", "merge_lora_dirs", "peft_lora_factors",
-           "read_peft_lora"]  # fmt: skip
+           "read_compatible_loras", "read_peft_lora", "write_peft_lora"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""``pathopeft adapters list|count|info|merge``, ``pathopeft data sample`` and ``pathopeft doctor``."""
+"""``pathopeft adapters list|count|info|merge|revert``, ``pathopeft data sample`` and ``pathopeft doctor``."""
 
 from __future__ import annotations
 
@@ -106,9 +106,28 @@ def cmd_adapters_info(args: argparse.Namespace) -> int:
 
 def cmd_adapters_merge(args: argparse.Namespace) -> int:
     from pathopeft.adapters.merging import merge_lora_dirs
+    from pathopeft.adapters.rmm import read_rmm, rmm_merge_dirs
+    from pathopeft.adapters.serialization import AdapterLoadError
 
+    if args.method == "rmm":
+        if not args.k:
+            raise AdapterLoadError("adapters merge --method rmm needs --k (the basis size)")
+        out = rmm_merge_dirs(args.adapter_dirs, args.out, args.k)
+        _, meta = read_rmm(out)
+        print(f"RMM basis of {args.k} for {len(args.adapter_dirs)} LoRA adapters in {out} "
+              f"({100 * meta['energy_kept']:.2f} % of the factors' energy kept); "
+              f"`pathopeft adapters revert {out} --task NAME --out DIR` rebuilds one of {meta['tasks']}")  # fmt: skip
+        return 0
     out = merge_lora_dirs(args.adapter_dirs, args.out, args.method, args.k, args.weights, args.seed)
     print(f"merged {len(args.adapter_dirs)} LoRA adapters ({args.method}) into {out}")
+    return 0
+
+
+def cmd_adapters_revert(args: argparse.Namespace) -> int:
+    from pathopeft.adapters.rmm import revert_dir
+
+    out = revert_dir(args.rmm_dir, args.task, args.out)
+    print(f"task {args.task!r} reverted from {args.rmm_dir} into the LoRA folder {out}")
     return 0
 
 
@@ -138,12 +157,18 @@ def add_commands(sub: Any) -> None:
     p = ad.add_parser("merge", help="merge saved PEFT LoRA folders of one base model into one LoRA (cat | lego)")
     p.add_argument("adapter_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--method", choices=["cat", "lego"], default="cat",
-                   help="cat: the exact sum (ranks concatenated); lego: LoRA-LEGO's rank-wise clustering to --k")  # fmt: skip
-    p.add_argument("--k", type=int, help="merged rank for lego")
+    p.add_argument("--method", choices=["cat", "lego", "rmm"], default="cat",
+                   help="cat: the exact sum (ranks concatenated); lego: LoRA-LEGO's rank-wise clustering to --k; "
+                        "rmm: Reversible Model Merging, a basis of --k LoRAs from which each task is reverted")  # fmt: skip
+    p.add_argument("--k", type=int, help="merged rank for lego; basis size for rmm")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_adapters_merge)
+    p = ad.add_parser("revert", help="rebuild one task's LoRA folder from an RMM basis (adapters merge --method rmm)")
+    p.add_argument("rmm_dir", type=Path)
+    p.add_argument("--task", required=True, help="the task's name (its adapter folder's name) or index")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_adapters_revert)
 
     p = sub.add_parser("doctor", help="report versions and hardware")
     p.set_defaults(func=cmd_doctor)
