@@ -29,6 +29,7 @@ SEG_COMPARE = sorted((CONFIGS / "seg").glob("compare_*.yaml"))
 SEG_FIT = sorted(p for p in (CONFIGS / "seg").glob("*.yaml") if not p.name.startswith("compare_"))
 MIL = sorted((CONFIGS / "mil").glob("*.yaml"))
 FED = sorted((CONFIGS / "fed").glob("*.yaml"))
+UNLEARN = sorted((CONFIGS / "unlearn").glob("*.yaml"))
 PIPELINES = sorted((CONFIGS / "pipelines").glob("*.yaml"))  # configs/pipelines/<name>.yaml: pipelines/<name>.py
 
 
@@ -55,8 +56,10 @@ def _check_input(path: str | None) -> None:
 
 def test_every_shipped_config_is_checked() -> None:
     every = set(CONFIGS.rglob("*.yaml")) | set(CONFIGS.rglob("*.yml"))
-    assert every == {*WSI, *SEG_COMPARE, *SEG_FIT, *MIL, *FED, *PIPELINES}, "a config in configs/ that no test parses"
-    assert all((WSI, SEG_COMPARE, SEG_FIT, MIL, FED))
+    assert every == {*WSI, *SEG_COMPARE, *SEG_FIT, *MIL, *FED, *UNLEARN, *PIPELINES}, (
+        "a config in configs/ that no test parses"
+    )
+    assert all((WSI, SEG_COMPARE, SEG_FIT, MIL, FED, UNLEARN))
 
 
 @pytest.mark.parametrize("path", [*WSI, *SEG_COMPARE, *SEG_FIT], ids=_name)
@@ -112,6 +115,18 @@ def test_fed_config_is_a_federated_config(path: Path) -> None:
 
     cfg = load_config(FederatedConfig, path, path_fields=("manifest", "init"))
     assert Path(cfg.manifest).is_absolute()
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "relative to this file" in header
+    assert "working directory" in header
+
+
+@pytest.mark.parametrize("path", UNLEARN, ids=_name)
+def test_unlearn_config_is_an_unlearn_config(path: Path) -> None:
+    from pathopeft.mil.unlearn import UnlearnConfig
+
+    cfg = load_config(UnlearnConfig, path, path_fields=("manifest", "init"))
+    assert Path(cfg.manifest).is_absolute()
+    assert cfg.forget in cfg.classes
     header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
     assert "relative to this file" in header
     assert "working directory" in header

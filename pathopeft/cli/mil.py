@@ -1,4 +1,4 @@
-"""``pathopeft mil run|compare|federated|heatmap``: continual and federated MIL from a YAML."""
+"""``pathopeft mil run|compare|federated|unlearn|heatmap``: continual, federated MIL and unlearning from a YAML."""
 
 from __future__ import annotations
 
@@ -48,6 +48,28 @@ def cmd_mil_federated(args: argparse.Namespace) -> int:
     result = run_federated(cfg)
     accs = ", ".join(f"{h['test_acc']:.3f}" for h in result["history"])
     print(f"{cfg.method}: {len(result['clients'])} clients {result['clients']} bags; test accuracy by round: {accs}")
+    return 0
+
+
+def cmd_mil_unlearn(args: argparse.Namespace) -> int:
+    """LoKU unlearning of a class or a site's cohort from a trained MIL net (``pathopeft.mil.unlearn``)."""
+    from pathopeft.config import load_config
+    from pathopeft.errors import UserError
+    from pathopeft.mil.unlearn import UnlearnConfig, run_unlearn
+
+    overrides = {"forget": args.forget, "forget_site": args.forget_site, "out_dir": args.out_dir, "init": args.init,
+                 "steps": args.steps, "seed": args.seed}  # fmt: skip
+    if args.forget or args.forget_site:  # one on the command line replaces the YAML's choice
+        overrides.update(forget=args.forget or "", forget_site=args.forget_site or "")
+    cfg = load_config(UnlearnConfig, args.config, overrides, ("manifest", "init"))
+    try:
+        r = run_unlearn(cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    what = cfg.forget if cfg.forget is not None else f"site {cfg.forget_site}"
+    print(f"unlearned {what} in {r['steps']} steps: test accuracy on it {r['test_forget_acc']['before']:.3f} -> "
+          f"{r['test_forget_acc']['after']:.3f} (chance {r['chance']:.3f}); retained "
+          f"{r['test_retain_acc']['before']:.3f} -> {r['test_retain_acc']['after']:.3f}; {cfg.out_dir}")  # fmt: skip
     return 0
 
 
@@ -120,6 +142,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--rounds", type=int)
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_mil_federated)
+    p = mil.add_parser("unlearn", help="forget a class or a site's cohort with LoKU (IHL + FILA LoRA)")
+    p.add_argument("--config", type=Path, required=True, help="YAML of UnlearnConfig fields (configs/mil/)")
+    p.add_argument("--forget", help="the class to forget (replaces the YAML's forget / forget_site)")
+    p.add_argument("--forget-site", help="the manifest site whose bags to forget")
+    p.add_argument("--init", help="the trained net's .safetensors (e.g. a run's task_<t>/net.safetensors)")
+    p.add_argument("--out-dir")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_mil_unlearn)
     p = mil.add_parser("heatmap", help="tile scores of a finished run as QuPath GeoJSON (File › Import objects) + PNG")
     p.add_argument("run_dir", type=Path, help="a `pathopeft mil run` output folder (with tile_scores.h5)")
     p.add_argument("--slides", nargs="+", help="slide ids (default: every scored test slide)")
