@@ -43,11 +43,15 @@ def cmd_mil_federated(args: argparse.Namespace) -> int:
     from pathopeft.config import load_config
     from pathopeft.mil.federated import FederatedConfig, run_federated
 
-    overrides = {"method": args.method, "out_dir": args.out_dir, "rounds": args.rounds, "seed": args.seed}
+    overrides = {"method": args.method, "out_dir": args.out_dir, "rounds": args.rounds, "seed": args.seed,
+                 "noise_multiplier": args.noise_multiplier}  # fmt: skip
     cfg = load_config(FederatedConfig, args.config, overrides, ("manifest", "init"))
     result = run_federated(cfg)
     accs = ", ".join(f"{h['test_acc']:.3f}" for h in result["history"])
-    print(f"{cfg.method}: {len(result['clients'])} clients {result['clients']} bags; test accuracy by round: {accs}")
+    dp = f"; DP-SGD (ε = {result['dp']['epsilon']:.2f}, δ = {cfg.delta:g})" if "dp" in result else ""
+    print(
+        f"{cfg.method}: {len(result['clients'])} clients {result['clients']} bags{dp}; test accuracy by round: {accs}"
+    )
     return 0
 
 
@@ -141,6 +145,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out-dir")
     p.add_argument("--rounds", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--noise-multiplier", type=float, help="DP-SGD on the clients with Opacus (privacy unit: a bag)")
     p.set_defaults(func=cmd_mil_federated)
     p = mil.add_parser("unlearn", help="forget a class or a site's cohort with LoKU (IHL + FILA LoRA)")
     p.add_argument("--config", type=Path, required=True, help="YAML of UnlearnConfig fields (configs/mil/)")

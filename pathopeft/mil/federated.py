@@ -15,8 +15,12 @@ Set-up chosen here: the frozen MIL net is the configured model built from ``seed
 OWLoRA recipe adapts, the bag classifier trained and averaged; clients are the manifest's ``site`` column when it
 has one, else the training slides dealt round-robin; local training is plain SGD over ``local_steps`` bags per
 round (the code's optimiser for ViT/RoBERTa); the server evaluates accuracy on every test bag after each round.
-Differential privacy (the code's Opacus DP-SGD) is not wired yet: the privacy unit here is a bag, and Opacus's
-per-layer per-sample hooks would treat the tiles of one bag as samples.
+Differential privacy (``noise_multiplier`` set): each client runs DP-SGD with Opacus's ``DPOptimizer`` and the
+privacy unit is a **bag** (a slide, i.e. a patient's sample). Opacus's per-layer hooks would take the tiles of one
+bag for samples, so the per-sample gradients are made by micro-batching instead (one backward per bag, stacked
+into each parameter's ``grad_sample``); Opacus then clips each bag's gradient to ``max_grad_norm``, adds Gaussian
+noise and averages, and its RDP accountant gives ε at ``delta`` for every client from its Poisson sampling rate
+(``dp_batch`` / its bag count) and its number of local steps over all rounds (the run reports the largest ε).
 """
 
 from __future__ import annotations
@@ -54,10 +58,18 @@ class FederatedConfig:
     local_steps: int = 10  # bags per client per round
     lr: float = 0.05
     seed: int = 0
+    noise_multiplier: float | None = None  # DP-SGD on the clients (None: no DP)
+    max_grad_norm: float = 1.0  # per-bag clipping norm of DP-SGD
+    dp_batch: int = 4  # expected bags per DP-SGD step (Poisson sampling)
+    delta: float = 1e-3  # the δ of the reported (ε, δ)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.noise_multiplier is not None and self.method == "central":
+            raise ValueError("noise_multiplier: DP-SGD is for the federated clients (fedsvd | fedavg)")
+        if self.noise_multiplier is not None and (self.noise_multiplier < 0 or self.max_grad_norm <= 0):
+            raise ValueError("noise_multiplier must be >= 0 and max_grad_norm > 0")
         if self.clients < 1 or self.rounds < 1 or self.local_steps < 1:
             raise ValueError("clients, rounds and local_steps must be at least 1")
 
@@ -155,6 +167,53 @@ def local_train(model: nn.Module, bags: list[dict[str, Any]], steps: int, lr: fl
     return total / steps
 
 
+def dp_local_train(model: nn.Module, bags: list[dict[str, Any]], steps: int, cfg: FederatedConfig, seed: int) -> float:
+    """``steps`` DP-SGD steps with Opacus's optimizer: Poisson-sampled bags (rate ``dp_batch / len(bags)``), one
+    gradient per bag (micro-batches), clipped, noised and averaged by ``DPOptimizer``; returns the mean loss."""
+    from opacus.optimizers import DPOptimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=cfg.lr), noise_multiplier=float(cfg.noise_multiplier),
+                      max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.dp_batch,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    rate = min(1.0, cfg.dp_batch / len(bags))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    total, seen = 0.0, 0
+    for _ in range(steps):
+        batch = [b for b, keep in zip(bags, torch.rand(len(bags), generator=g) < rate, strict=True) if keep]
+        per_bag: list[list[torch.Tensor]] = []
+        for bag in batch:
+            for p in params:
+                p.grad = None
+            out = model(bag["features"], bag["coords"].float())
+            loss = F.cross_entropy(out.bag_logits[None], torch.as_tensor([bag["label"]]))
+            loss.backward()
+            per_bag.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+            total, seen = total + float(loss.detach()), seen + 1
+        for i, p in enumerate(params):
+            p.grad = None
+            p.grad_sample = torch.stack([g_[i] for g_ in per_bag]) if per_bag else p.new_zeros((0, *p.shape))
+        opt.step()
+        opt.zero_grad()
+    return total / max(seen, 1)
+
+
+def dp_epsilon(cfg: FederatedConfig, bags_per_client: list[int]) -> float:
+    """The largest ε over the clients at ``cfg.delta`` (Opacus's RDP accountant) after ``rounds × local_steps``
+    steps each at sampling rate ``dp_batch / bags``."""
+    from opacus.accountants import RDPAccountant
+
+    if not cfg.noise_multiplier:
+        return float("inf")  # clipping without noise is no privacy
+    eps = []
+    for n in bags_per_client:
+        acc = RDPAccountant()
+        acc.history = [(float(cfg.noise_multiplier), min(1.0, cfg.dp_batch / n), cfg.rounds * cfg.local_steps)]
+        eps.append(acc.get_epsilon(delta=cfg.delta))
+    return max(eps)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, bags: list[dict[str, Any]]) -> float:
     model.eval()
@@ -180,9 +239,13 @@ def run_federated(cfg: FederatedConfig) -> dict[str, Any]:
         history = _simulate(cfg, data, parts, model, test)
     result = {"config": asdict(cfg), "history": history, "final_test_acc": history[-1]["test_acc"],
               "clients": [len(p) for p in parts]}  # fmt: skip
+    if cfg.noise_multiplier is not None:
+        result["dp"] = {"epsilon": dp_epsilon(cfg, result["clients"]), "delta": cfg.delta,
+                        "noise_multiplier": cfg.noise_multiplier, "max_grad_norm": cfg.max_grad_norm}  # fmt: skip
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"results_{cfg.method}.json", json.dumps(result, indent=2) + "\n")
+    tag = cfg.method if cfg.noise_multiplier is None else f"{cfg.method}_dp{cfg.noise_multiplier:g}"
+    atomic_write_text(out / f"results_{tag}.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -204,7 +267,11 @@ def _simulate(cfg: FederatedConfig, data: Any, parts: list[list[Any]], model: nn
         load_shared(local, msg.content["arrays"].to_torch_state_dict())
         bags = data.loaded(parts[pid])
         rnd = int(msg.content["config"]["server-round"])
-        loss = local_train(local, bags, cfg.local_steps, cfg.lr, cfg.seed * 1000 + rnd * 100 + pid)
+        seed = cfg.seed * 1000 + rnd * 100 + pid
+        if cfg.noise_multiplier is None:
+            loss = local_train(local, bags, cfg.local_steps, cfg.lr, seed)
+        else:
+            loss = dp_local_train(local, bags, cfg.local_steps, cfg, seed)
         content = RecordDict({"arrays": ArrayRecord(shared_state(local)),
                               "metrics": MetricRecord({"num-examples": len(bags), "train_loss": loss})})  # fmt: skip
         return Message(content=content, reply_to=msg)
@@ -244,4 +311,13 @@ def _simulate(cfg: FederatedConfig, data: Any, parts: list[list[Any]], model: nn
     return history
 
 
-__all__ = ["FederatedConfig", "build_model", "partitions", "refactor_state", "run_federated", "svd_refactor"]
+__all__ = [
+    "FederatedConfig",
+    "build_model",
+    "dp_epsilon",
+    "dp_local_train",
+    "partitions",
+    "refactor_state",
+    "run_federated",
+    "svd_refactor",
+]
