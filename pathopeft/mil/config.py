@@ -53,6 +53,7 @@ class ContinualConfig:
     lwf: dict[str, Any] = field(default_factory=dict)  # weight (1.0), temperature (2.0)
     inflora: dict[str, Any] = field(default_factory=dict)  # r (16; a qkv layer's LoRA has rank 3r)
     codyra: dict[str, Any] = field(default_factory=dict)  # CodyraConfig fields (r 16, xi_max 5e-3, levels 50)
+    orthoadapt: dict[str, Any] = field(default_factory=dict)  # OrthoAdaptTasksConfig fields (r 8, seed 0)
     replay_per_task: int = 4
     collect_bags: int = 32  # training bags per task used to estimate the input subspaces
     heatmaps: int = 2  # per task, from the test split, with the final model

@@ -55,6 +55,27 @@ def test_orthogonal_adaptation_refuses_more_tasks_than_orthogonal_directions():
         adapters.create("orthoadapt", _mlp(), rank=4, targets=["0"], task=6)
 
 
+def test_orthoadapt_tasks_trains_one_task_and_sums_every_task_when_all_are_active():
+    from pathopeft.adapters.orthoadapt import task_deltas
+
+    model = adapters.create("orthoadapt-tasks", _mlp(), rank=3, targets=["0"], tasks=3)
+    (d,) = task_deltas(model)
+    for s in range(3):
+        for t in range(s):
+            torch.testing.assert_close(d.A[s] @ d.A[t].T, torch.zeros(3, 3), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for b in d.B:
+            b.normal_()
+    d.training_task(1)
+    assert [b.requires_grad for b in d.B] == [False, True, False]
+    base = _mlp()[0]
+    torch.testing.assert_close(d.delta_weight(base), d.B[1] @ d.A[1])
+    d.active_tasks = None
+    torch.testing.assert_close(d.delta_weight(base), sum(d.B[t] @ d.A[t] for t in range(3)))
+    with pytest.raises(ValueError, match="needs 48 orthogonal directions"):
+        adapters.create("orthoadapt-tasks", _mlp(), rank=16, targets=["0"], tasks=3)
+
+
 def _two_peft_loras():
     import peft
 

@@ -341,3 +341,24 @@ def test_codyra_strategy_thresholds_gates_while_training_and_merges_them_at_the_
     assert gates
     assert all(g.shape == (4,) for g in gates)  # one gated LoRA of rank 4 per layer, not one per task
     assert sum(int((g == 0).sum()) for g in gates) > 0  # thresholded to exact zeros during the task
+
+
+def test_orthoadapt_strategy_trains_each_task_alone_and_evaluates_the_sum(tmp_path):
+    """Orthogonal Adaptation as a continual strategy: step 1 trains only its own B (the next task's B stays 0),
+    step 2 trains only its own and leaves step 1's untouched; the frozen blocks are orthogonal
+    (tests/adapters/test_merging.py), and the evaluated model is the sum."""
+    from safetensors.torch import load_file
+
+    three = make_bags(tmp_path / "bags3", tasks=(("aca", 1), ("scc", 2), ("sqm", 3)), n_per_class=3, n_eval=2)
+    cfg = _cfg(three, tmp_path, strategy="orthoadapt", tasks=["aca", "scc", "sqm"],
+               classes=["benign", "aca", "scc", "sqm"], orthoadapt={"r": 2}, epochs=2)  # fmt: skip
+    assert run_continual(cfg)["done"] == 3
+    t1, t2 = (load_file(str(tmp_path / "orthoadapt-class" / f"task_{t}" / "adapters" / "adapter_model.safetensors"))
+              for t in (1, 2))  # fmt: skip
+    b0 = {k: v for k, v in t1.items() if k.endswith("B.0")}
+    assert b0
+    assert any(v.abs().sum() > 0 for v in b0.values())  # step 1 trained its B
+    assert all(t1[k.replace("B.0", "B.1")].abs().sum() == 0 for k in b0)  # and not the next task's
+    for k, v in b0.items():
+        torch.testing.assert_close(t2[k], v)  # step 2 left step 1's B alone
+    assert any(t2[k.replace("B.0", "B.1")].abs().sum() > 0 for k in b0)  # and trained its own

@@ -42,10 +42,11 @@ def test_the_registry_holds_every_strategy_with_its_capabilities():
         "agem",
         "inflora",
         "codyra",
+        "orthoadapt",
         "joint",
     ]
     assert STRATEGIES.names(bppl=True) == ["comel"]
-    assert STRATEGIES.names(adapters=True) == ["comel", "owlora", "lora", "codyra"]
+    assert STRATEGIES.names(adapters=True) == ["comel", "owlora", "lora", "codyra", "orthoadapt"]
     assert STRATEGIES.names(ablation=True) == ["owlora"]
     assert STRATEGIES.names(all_tasks_at_once=True) == ["joint"]
     for name in STRATEGIES.names():
@@ -100,6 +101,7 @@ def test_cli_help_and_compare_default_come_from_the_registry(registry, capsys):
             "agem",
             "inflora",
             "codyra",
+            "orthoadapt",
             "joint",
         ]
     )

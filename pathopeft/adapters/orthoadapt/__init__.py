@@ -94,6 +94,67 @@ def merge_tasks(model: nn.Module, names: Sequence[str], weights: Sequence[float]
     return model.unload() if hasattr(model, "unload") else model
 
 
-register("orthoadapt", OrthoAdaptConfig, OrthoAdaptDelta, conv=True, identity_at_init=True)
+@dataclass
+class OrthoAdaptTasksConfig(AdapterConfig):
+    """Orthogonal Adaptation for a stream of ``tasks`` tasks in one adapter: task t's frozen A is block t of O,
+    one B per task; the forward sums the active tasks' B_t A_t (all of them: the merged model)."""
 
-__all__ = ["OrthoAdaptConfig", "OrthoAdaptDelta", "merge_tasks", "shared_basis", "task_rows"]
+    adapter_type: ClassVar[str] = "orthoadapt-tasks"
+    r: int = 8
+    tasks: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tasks < 1:
+            raise ValueError(f"orthoadapt-tasks needs at least one task, got {self.tasks}")
+
+
+class OrthoAdaptTasksDelta(Delta):
+    """Every task's adapter of :class:`OrthoAdaptDelta` in one layer, so a continual run can train one task's B
+    alone (``training_task``) on the base and evaluate the sum (``active_tasks = None``): Σ_t B_t A_t, exactly
+    the sum of the separately trained adapters (no extra cost once merged)."""
+
+    def __init__(self, base: nn.Module, config: OrthoAdaptTasksConfig) -> None:
+        super().__init__(base, config)
+        r = config.r
+        idx = task_rows(self.in_features, r, config.tasks - 1, config.seed)  # checks that every task fits
+        rows = shared_basis(self.in_features, config.seed)[: int(idx[-1]) + 1]
+        self.register_buffer("A", rows.reshape(config.tasks, r, -1).clone(), persistent=False)
+        self.B = nn.ParameterList([nn.Parameter(torch.zeros(self.out_features, r)) for _ in range(config.tasks)])
+        self.active_tasks: list[int] | None = None
+
+    def training_task(self, t: int) -> None:
+        """Train task ``t``'s B alone, with only its adapter in the forward (the paper's independent training)."""
+        for k, b in enumerate(self.B):
+            b.requires_grad_(k == t)
+        self.active_tasks = [t]
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        tasks = range(len(self.B)) if self.active_tasks is None else self.active_tasks
+        out = self.B[0].new_zeros(self.out_features, self.in_features)
+        for t in tasks:
+            out = out + self.B[t] @ self.A[t].to(self.B[t].dtype)
+        return out
+
+    @staticmethod
+    def expected_trainable(out_features: int, in_features: int, config: OrthoAdaptTasksConfig) -> int:
+        return config.tasks * out_features * config.r
+
+
+def task_deltas(model: nn.Module) -> list[OrthoAdaptTasksDelta]:
+    return [m for m in model.modules() if isinstance(m, OrthoAdaptTasksDelta)]
+
+
+register("orthoadapt", OrthoAdaptConfig, OrthoAdaptDelta, conv=True, identity_at_init=True)
+register("orthoadapt-tasks", OrthoAdaptTasksConfig, OrthoAdaptTasksDelta, conv=True, identity_at_init=True)
+
+__all__ = [
+    "OrthoAdaptConfig",
+    "OrthoAdaptDelta",
+    "OrthoAdaptTasksConfig",
+    "OrthoAdaptTasksDelta",
+    "merge_tasks",
+    "shared_basis",
+    "task_deltas",
+    "task_rows",
+]

@@ -33,6 +33,7 @@ from pathopeft.mil.strategies import lwf
 from pathopeft.mil.strategies import agem
 from pathopeft.mil.strategies import inflora
 from pathopeft.mil.strategies import codyra
+from pathopeft.mil.strategies import orthoadapt
 from pathopeft.mil.strategies import joint
 
 # isort: on
@@ -53,6 +54,7 @@ __all__ = [
     "joint",
     "lora",
     "lwf",
+    "orthoadapt",
     "owlora",
     "replay",
 ]
