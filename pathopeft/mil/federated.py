@@ -85,10 +85,10 @@ def build_model(cfg: FederatedConfig, in_dim: int) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     net = create_mil_model(cfg.model, in_dim, len(cfg.classes), **cfg.model_kwargs)
-    if cfg.init:  # a plain state dict, e.g. a continual run's task_<t>/net.safetensors
-        from pathopeft.adapters.serialization import read_safetensors
+    if cfg.init:  # a plain net's state dict, or a continual run's task_<t>/net.safetensors
+        from pathopeft.mil.models import load_mil_weights
 
-        net.load_state_dict(read_safetensors(Path(cfg.init)))
+        load_mil_weights(net, cfg.init)
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=adapted_layers(net),
                            modules_to_save=None, lora_dropout=0.0)  # fmt: skip
     model = peft.get_peft_model(net, lora)

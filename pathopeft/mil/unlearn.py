@@ -131,10 +131,10 @@ def run_unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     net = create_mil_model(cfg.model, in_dim, len(cfg.classes), **cfg.model_kwargs)
-    if cfg.init:
-        from pathopeft.adapters.serialization import read_safetensors
+    if cfg.init:  # a plain net's state dict, or a continual run's task_<t>/net.safetensors
+        from pathopeft.mil.models import load_mil_weights
 
-        net.load_state_dict(read_safetensors(Path(cfg.init)))
+        load_mil_weights(net, cfg.init)
     else:
         _pretrain(net, forget_train + retain_train, cfg)
     before = per_class_accuracy(net, test_forget + test_retain, cfg.classes)

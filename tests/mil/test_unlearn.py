@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pathopeft.mil.unlearn import UnlearnConfig
 
@@ -42,3 +43,20 @@ def test_mil_unlearn_drops_the_forgotten_class_to_chance_and_keeps_the_rest(mani
     err = capsys.readouterr().err
     assert "site 'nowhere' leaves 0 bags to forget" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_continual_runs_net_file_loads_as_the_starting_net_and_a_wrong_one_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from pathopeft.mil.models import MILWeightsError, create_mil_model, load_mil_weights
+    from pathopeft.mil.module import MILNet
+
+    run_net = MILNet("abmil", 8, 3, **TINY)  # what the continual runner saves as task_<t>/net.safetensors
+    save_file({k: v.contiguous() for k, v in run_net.state_dict().items()}, tmp_path / "net.safetensors")
+    plain = create_mil_model("abmil", 8, 3, **TINY)
+    load_mil_weights(plain, tmp_path / "net.safetensors")
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, run_net.mil.state_dict()[k])
+    wider = create_mil_model("abmil", 8, 3, hidden_dim=32, attn_dim=8)
+    with pytest.raises(MILWeightsError, match=r"net\.safetensors: tensor shapes do not fit the configured ABMIL"):
+        load_mil_weights(wider, tmp_path / "net.safetensors")

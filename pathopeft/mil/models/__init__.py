@@ -14,7 +14,11 @@ matrix (``tests/mil/test_models.py``) iterates :data:`MIL_MODELS`.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+
+from pathopeft.errors import UserError
 
 # the model modules register on import (the order is the listing order)
 from pathopeft.mil.models import abmil, gdat, transmil
@@ -22,6 +26,36 @@ from pathopeft.mil.models.abmil import ABMIL
 from pathopeft.mil.models.base import MIL_MODELS, MILModel, MILOutput, check_bag, register_mil_model
 from pathopeft.mil.models.gdat import GDAT, GridGDAT
 from pathopeft.mil.models.transmil import TransMIL
+
+
+class MILWeightsError(UserError, ValueError):
+    """A weights file that does not fit the configured MIL model (named in the message)."""
+
+
+def load_mil_weights(model: MILModel, path: str | os.PathLike[str]) -> None:
+    """Load a ``.safetensors`` state dict into ``model``: a plain model's, or the continual runner's
+    ``task_<t>/net.safetensors`` (its ``mil.`` prefix stripped, its instance head and BPPL buffer dropped).
+    A file of an adapted net (adapters not merged) or of another architecture is refused, naming the file."""
+    from pathopeft.adapters.serialization import read_safetensors
+
+    sd = read_safetensors(Path(path))
+    if any(k.startswith("mil.") for k in sd):
+        sd = {k.removeprefix("mil."): v for k, v in sd.items() if k.startswith("mil.")}
+    if any(".deltas." in k or ".base_layer." in k for k in sd):
+        raise MILWeightsError(f"{path}: holds an adapted net (adapter weights not merged); pass a file of a "
+                              "plain net, e.g. task_0/net.safetensors of a continual run")  # fmt: skip
+    own = model.state_dict()
+    shapes = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if shapes:
+        raise MILWeightsError(f"{path}: tensor shapes do not fit the configured {type(model).__name__} (e.g. "
+                              f"{shapes[0]}: {tuple(sd[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}); "
+                              "check model and model_kwargs")  # fmt: skip
+    if missing or unexpected:
+        raise MILWeightsError(f"{path}: does not fit the configured {type(model).__name__} (missing "
+                              f"{len(missing)}, unexpected {len(unexpected)} keys, e.g. "
+                              f"{(missing + unexpected)[:2]}); check model and model_kwargs")  # fmt: skip
+    model.load_state_dict(sd)
 
 
 def list_mil_models() -> list[str]:
@@ -49,6 +83,7 @@ __all__ = [
     "GridGDAT",
     "MILModel",
     "MILOutput",
+    "MILWeightsError",
     "TransMIL",
     "abmil",
     "check_bag",
