@@ -163,10 +163,12 @@ def _pattern(patterns: dict[str, Any], name: str, default: Any) -> Any:
 def read_compatible_loras(
     dirs: Sequence[str | os.PathLike[str]],
 ) -> tuple[list[tuple[Factors, dict[str, tuple[tuple, tuple]], dict]], list[dict | None]]:
-    """:func:`read_peft_lora` of every folder and its base-model fingerprint, refusing (naming the folder) any
-    made for another base model or other layers than the first."""
+    """:func:`read_peft_lora` of every folder (at least two) and its base-model fingerprint, refusing (naming the
+    folder) any made for another base model or other layers than the first."""
     from pathopeft.adapters.serialization import AdapterLoadError, read_json
 
+    if len(dirs) < 2:
+        raise AdapterLoadError("adapters merge: give at least two adapter folders")
     loaded = [read_peft_lora(d) for d in dirs]
     bases = [read_json(Path(d) / "pathopeft_base.json") if (Path(d) / "pathopeft_base.json").is_file() else None
              for d in dirs]  # fmt: skip
@@ -184,8 +186,6 @@ def merge_lora_dirs(
     exactly, ranks concatenated: PEFT's ``combination_type="cat"``) or ``lego`` (LoRA-LEGO at rank ``k``)."""
     from pathopeft.adapters.serialization import AdapterLoadError
 
-    if len(dirs) < 2:
-        raise AdapterLoadError("adapters merge: give at least two adapter folders")
     lams = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
     if len(lams) != len(dirs):
         raise AdapterLoadError(f"adapters merge: {len(dirs)} folders but {len(lams)} weights")

@@ -101,17 +101,16 @@ def discarded_energy(rmm: RMMBasis) -> float:
 
 
 # --- folders: ``pathopeft adapters merge --method rmm`` and ``pathopeft adapters revert`` ----------------------
-def rmm_merge_dirs(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], k: int) -> Path:
+def rmm_merge_dirs(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], k: int) -> tuple[Path, dict]:
     """Fit RMM on saved PEFT LoRA folders (one base model) and write the basis folder ``out`` (``rmm.safetensors``
-    + ``rmm.json``: task names = the folders' names, layouts, PEFT config, base fingerprint, energy kept)."""
+    + ``rmm.json``: task names = the folders' names, layouts, PEFT config, base fingerprint, energy kept);
+    returns the folder and that metadata."""
     from safetensors.torch import save as safetensors_bytes
 
     from pathopeft.adapters.merging import read_compatible_loras
     from pathopeft.adapters.serialization import AdapterLoadError
     from pathopeft.io import atomic_write_bytes, atomic_write_text
 
-    if len(dirs) < 2:
-        raise AdapterLoadError("adapters merge: give at least two adapter folders")
     loaded, bases = read_compatible_loras(dirs)
     names = [Path(d).name for d in dirs]
     if len(set(names)) != len(names):
@@ -134,7 +133,7 @@ def rmm_merge_dirs(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     o.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(o / _FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write_text(o / _META, json.dumps(meta, indent=2) + "\n")
-    return o
+    return o, meta
 
 
 def read_rmm(directory: str | os.PathLike[str]) -> tuple[RMMBasis, dict]:

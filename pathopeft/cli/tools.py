@@ -106,14 +106,13 @@ def cmd_adapters_info(args: argparse.Namespace) -> int:
 
 def cmd_adapters_merge(args: argparse.Namespace) -> int:
     from pathopeft.adapters.merging import merge_lora_dirs
-    from pathopeft.adapters.rmm import read_rmm, rmm_merge_dirs
+    from pathopeft.adapters.rmm import rmm_merge_dirs
     from pathopeft.adapters.serialization import AdapterLoadError
 
     if args.method == "rmm":
         if not args.k:
             raise AdapterLoadError("adapters merge --method rmm needs --k (the basis size)")
-        out = rmm_merge_dirs(args.adapter_dirs, args.out, args.k)
-        _, meta = read_rmm(out)
+        out, meta = rmm_merge_dirs(args.adapter_dirs, args.out, args.k)
         print(f"RMM basis of {args.k} for {len(args.adapter_dirs)} LoRA adapters in {out} "
               f"({100 * meta['energy_kept']:.2f} % of the factors' energy kept); "
               f"`pathopeft adapters revert {out} --task NAME --out DIR` rebuilds one of {meta['tasks']}")  # fmt: skip

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathopeft.io import atomic_write_text
+from pathopeft.mil.models import bag_accuracy, bag_logits
 
 METHODS = ("fedsvd", "fedavg", "central")
 
@@ -159,8 +160,7 @@ def local_train(model: nn.Module, bags: list[dict[str, Any]], steps: int, lr: fl
     for i in range(steps):
         bag = bags[order[i % len(order)]]
         opt.zero_grad()
-        out = model(bag["features"], bag["coords"].float())
-        loss = F.cross_entropy(out.bag_logits[None], torch.as_tensor([bag["label"]]))
+        loss = F.cross_entropy(bag_logits(model, bag)[None], torch.as_tensor([bag["label"]]))
         loss.backward()
         opt.step()
         total += float(loss.detach())
@@ -186,8 +186,7 @@ def dp_local_train(model: nn.Module, bags: list[dict[str, Any]], steps: int, cfg
         for bag in batch:
             for p in params:
                 p.grad = None
-            out = model(bag["features"], bag["coords"].float())
-            loss = F.cross_entropy(out.bag_logits[None], torch.as_tensor([bag["label"]]))
+            loss = F.cross_entropy(bag_logits(model, bag)[None], torch.as_tensor([bag["label"]]))
             loss.backward()
             per_bag.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params])
             total, seen = total + float(loss.detach()), seen + 1
@@ -214,13 +213,6 @@ def dp_epsilon(cfg: FederatedConfig, bags_per_client: list[int]) -> float:
     return max(eps)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, bags: list[dict[str, Any]]) -> float:
-    model.eval()
-    hits = [int(model(b["features"], b["coords"].float()).bag_logits.argmax()) == int(b["label"]) for b in bags]
-    return sum(hits) / max(1, len(hits))
-
-
 # --- runs -----------------------------------------------------------------------------------------------------
 def run_federated(cfg: FederatedConfig) -> dict[str, Any]:
     """Train with ``cfg.method`` and write ``results.json`` (test accuracy after every round) into ``out_dir``."""
@@ -234,7 +226,7 @@ def run_federated(cfg: FederatedConfig) -> dict[str, Any]:
         pooled = data.loaded(train)
         for rnd in range(cfg.rounds):
             local_train(model, pooled, cfg.local_steps * cfg.clients, cfg.lr, cfg.seed + rnd)
-            history.append({"round": rnd + 1, "test_acc": accuracy(model, test)})
+            history.append({"round": rnd + 1, "test_acc": bag_accuracy(model, test)})
     else:
         history = _simulate(cfg, data, parts, model, test)
     result = {"config": asdict(cfg), "history": history, "final_test_acc": history[-1]["test_acc"],
@@ -290,7 +282,7 @@ def _simulate(cfg: FederatedConfig, data: Any, parts: list[list[Any]], model: nn
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if server_round > 0:
             load_shared(model, arrays.to_torch_state_dict())
-            history.append({"round": server_round, "test_acc": accuracy(model, test)})
+            history.append({"round": server_round, "test_acc": bag_accuracy(model, test)})
         return MetricRecord({"test_acc": history[-1]["test_acc"] if history else 0.0})
 
     server_app = ServerApp()

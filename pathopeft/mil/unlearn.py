@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathopeft.io import atomic_write_bytes, atomic_write_text
+from pathopeft.mil.models import bag_accuracy, bag_logits, create_mil_model, load_mil_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +69,14 @@ class UnlearnConfig:
             raise ValueError("rank, steps and check_every must be at least 1")
 
 
-def _step(model: nn.Module, bag: dict[str, Any]) -> torch.Tensor:
-    return model(bag["features"], bag["coords"].float()).bag_logits[None]
-
-
 @torch.no_grad()
 def per_class_accuracy(model: nn.Module, bags: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
     """Accuracy on the bags of each class (classes without bags are left out)."""
     model.eval()
     hits: dict[str, list[int]] = {}
     for b in bags:
-        hits.setdefault(classes[int(b["label"])], []).append(int(_step(model, b).argmax()) == int(b["label"]))
+        hits.setdefault(classes[int(b["label"])], []).append(int(bag_logits(model, b).argmax()) == int(b["label"]))
     return {c: sum(h) / len(h) for c, h in hits.items()}
-
-
-def _accuracy(model: nn.Module, bags: list[dict[str, Any]]) -> float:
-    with torch.no_grad():
-        model.eval()
-        return sum(int(_step(model, b).argmax()) == int(b["label"]) for b in bags) / max(1, len(bags))
 
 
 def _pretrain(net: nn.Module, bags: list[dict[str, Any]], cfg: UnlearnConfig) -> None:
@@ -95,7 +86,7 @@ def _pretrain(net: nn.Module, bags: list[dict[str, Any]], cfg: UnlearnConfig) ->
     for _ in range(cfg.pretrain_epochs):
         for i in rng.sample(range(len(bags)), len(bags)):
             opt.zero_grad()
-            F.cross_entropy(_step(net, bags[i]), torch.as_tensor([bags[i]["label"]])).backward()
+            F.cross_entropy(bag_logits(net, bags[i])[None], torch.as_tensor([bags[i]["label"]])).backward()
             opt.step()
 
 
@@ -106,7 +97,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
 
     from pathopeft.adapters.loku import fila_init, fisher_diagonals, unlearn_step_loss
     from pathopeft.mil.data import PreparedBags, read_bag_manifest, validate_bags
-    from pathopeft.mil.models import create_mil_model
     from pathopeft.mil.strategies.adapter import adapted_layers
 
     records = [r for r in read_bag_manifest(Path(cfg.manifest), extra_columns=()) if r.task in cfg.tasks]
@@ -132,20 +122,18 @@ def run_unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     net = create_mil_model(cfg.model, in_dim, len(cfg.classes), **cfg.model_kwargs)
     if cfg.init:  # a plain net's state dict, or a continual run's task_<t>/net.safetensors
-        from pathopeft.mil.models import load_mil_weights
-
         load_mil_weights(net, cfg.init)
     else:
         _pretrain(net, forget_train + retain_train, cfg)
     before = per_class_accuracy(net, test_forget + test_retain, cfg.classes)
-    acc_before = (_accuracy(net, test_forget), _accuracy(net, test_retain))
+    acc_before = (bag_accuracy(net, test_forget), bag_accuracy(net, test_retain))
 
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=adapted_layers(net), lora_dropout=0.0)
     model = peft.get_peft_model(net, lora)
     if cfg.fila:
 
         def loss_fn(m: nn.Module, bag: dict[str, Any]) -> tuple[torch.Tensor, int]:
-            return F.cross_entropy(_step(m, bag), torch.as_tensor([bag["label"]])), 1
+            return F.cross_entropy(bag_logits(m, bag)[None], torch.as_tensor([bag["label"]])), 1
 
         fila_init(
             model, fisher_diagonals(model, forget_train, loss_fn), fisher_diagonals(model, retain_train, loss_fn)
@@ -158,19 +146,19 @@ def run_unlearn(cfg: UnlearnConfig) -> dict[str, Any]:
         model.train()
         fb, rb = rng.choice(forget_train), rng.choice(retain_train)
         opt.zero_grad()
-        loss = unlearn_step_loss(_step(model, fb), torch.as_tensor([fb["label"]]), _step(model, rb),
+        loss = unlearn_step_loss(bag_logits(model, fb)[None], torch.as_tensor([fb["label"]]), bag_logits(model, rb)[None],
                                  torch.as_tensor([rb["label"]]))  # fmt: skip
         loss.backward()
         opt.step()
         steps_done = step
         if step % cfg.check_every == 0:
-            acc = _accuracy(model, forget_train)
+            acc = bag_accuracy(model, forget_train)
             log.info("unlearn step %d: forget-train accuracy %.3f", step, acc)
             if acc <= chance:
                 break
     merged = model.merge_and_unload()
     after = per_class_accuracy(merged, test_forget + test_retain, cfg.classes)
-    acc_after = (_accuracy(merged, test_forget), _accuracy(merged, test_retain))
+    acc_after = (bag_accuracy(merged, test_forget), bag_accuracy(merged, test_retain))
     result = {
         "config": asdict(cfg), "steps": steps_done, "chance": chance,
         "test_forget_acc": {"before": acc_before[0], "after": acc_after[0]},

@@ -18,6 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from pathopeft.errors import UserError
 
 # the model modules register on import (the order is the listing order)
@@ -30,6 +33,19 @@ from pathopeft.mil.models.transmil import TransMIL
 
 class MILWeightsError(UserError, ValueError):
     """A weights file that does not fit the configured MIL model (named in the message)."""
+
+
+def bag_logits(model: nn.Module, bag: dict[str, Any]) -> torch.Tensor:
+    """The bag logits (C,) of a MIL model (or a PEFT/adapter wrapper of one) on one loaded bag, as
+    :class:`pathopeft.mil.data.BagDataset` yields it."""
+    return model(bag["features"], bag["coords"].float()).bag_logits
+
+
+@torch.no_grad()
+def bag_accuracy(model: nn.Module, bags: list[dict[str, Any]]) -> float:
+    """Fraction of ``bags`` whose arg-max bag logit is the label (eval mode; 0 for no bags)."""
+    model.eval()
+    return sum(int(bag_logits(model, b).argmax()) == int(b["label"]) for b in bags) / max(1, len(bags))
 
 
 def load_mil_weights(model: MILModel, path: str | os.PathLike[str]) -> None:
@@ -86,6 +102,8 @@ __all__ = [
     "MILWeightsError",
     "TransMIL",
     "abmil",
+    "bag_accuracy",
+    "bag_logits",
     "check_bag",
     "create_mil_model",
     "gdat",

@@ -33,6 +33,14 @@ def adapted_layers(net: nn.Module) -> list[str]:
     ]
 
 
+def wrap_with_adapter(net: nn.Module, method: str, **kwargs: Any) -> nn.Module:
+    """``net`` with adapter ``method`` on the official recipe's layers (:func:`adapted_layers`) and the bag
+    classifier left trainable: how every adapter strategy wraps the net before its second task."""
+    from pathopeft import adapters
+
+    return adapters.create(method, net, targets=adapted_layers(net), unfreeze=["classifier"], **kwargs)
+
+
 class AdapterStrategy(Strategy):
     """Base of the adapter strategies; subclasses choose the adapter's settings (:meth:`adapter_kwargs`)."""
 
@@ -50,7 +58,6 @@ class AdapterStrategy(Strategy):
     def before_task(self, net: nn.Module, t: int) -> nn.Module:
         if t == 0:
             return net
-        from pathopeft import adapters
         from pathopeft.adapters.owlora import collect_inputs, next_task, protect_current
 
         cfg, kw = self.cfg, self.adapter_kwargs()
@@ -61,7 +68,7 @@ class AdapterStrategy(Strategy):
             collect_inputs(net, prev, lambda bag: net(bag["features"], bag["coords"].float()))
 
         if t == 1:
-            net = adapters.create("owlora", net, targets=adapted_layers(net), unfreeze=["classifier"], **kw)
+            net = wrap_with_adapter(net, "owlora", **kw)
             if protect:
                 gather()
                 protect_current(net)

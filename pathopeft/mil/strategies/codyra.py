@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pathopeft.mil.strategies.adapter import adapted_layers
+from pathopeft.mil.strategies.adapter import wrap_with_adapter
 from pathopeft.mil.strategies.base import STRATEGIES, Strategy
 
 if TYPE_CHECKING:
@@ -27,12 +27,10 @@ class CoDyRA(Strategy):
     def before_task(self, net: nn.Module, t: int) -> nn.Module:
         if t == 0:
             return net
-        from pathopeft import adapters
         from pathopeft.adapters.codyra import next_task
 
         if t == 1:
-            return adapters.create("codyra", net, targets=adapted_layers(net), unfreeze=["classifier"],
-                                   **self.cfg.codyra)  # fmt: skip
+            return wrap_with_adapter(net, "codyra", **self.cfg.codyra)
         next_task(net)
         return net
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pathopeft.mil.strategies.adapter import adapted_layers
+from pathopeft.mil.strategies.adapter import adapted_layers, wrap_with_adapter
 from pathopeft.mil.strategies.base import STRATEGIES, Strategy
 
 if TYPE_CHECKING:
@@ -30,14 +30,13 @@ class OrthoAdapt(Strategy):
     def before_task(self, net: nn.Module, t: int) -> nn.Module:
         if t == 0:
             return net
-        from pathopeft import adapters
         from pathopeft.adapters.orthoadapt import task_deltas
 
         if t == 1:
-            layers, tasks = adapted_layers(net), len(self.cfg.tasks) - 1
-            narrowest = min(net.get_submodule(n).in_features for n in layers)
+            tasks = len(self.cfg.tasks) - 1
+            narrowest = min(net.get_submodule(n).in_features for n in adapted_layers(net))
             kw = {"r": max(1, min(8, narrowest // tasks)), **self.cfg.orthoadapt}  # default: 8, or what fits
-            net = adapters.create("orthoadapt-tasks", net, targets=layers, unfreeze=["classifier"], tasks=tasks, **kw)
+            net = wrap_with_adapter(net, "orthoadapt-tasks", tasks=tasks, **kw)
         for d in task_deltas(net):
             d.training_task(t - 1)
         return net
