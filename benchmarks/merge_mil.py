@@ -41,16 +41,12 @@ from pathopeft import adapters
 from pathopeft.adapters.merging import lego_merge, peft_lora_factors
 from pathopeft.adapters.rmm import rmm_fit, rmm_revert
 from pathopeft.mil.data import PreparedBags, read_bag_manifest, validate_bags
-from pathopeft.mil.models import create_mil_model
+from pathopeft.mil.models import bag_logits, create_mil_model
 from pathopeft.mil.routing import TaskRouter
 from pathopeft.mil.strategies.adapter import adapted_layers
 
 CLASSES = ["lung_normal", "lung_scc", "oral_normal", "oral_scc"]
 TASKS = ["lung", "oral"]
-
-
-def _logits(net, bag):
-    return net(bag["features"], bag["coords"].float()).bag_logits
 
 
 def train(net, bags, epochs: int, lr: float, seed: int) -> None:
@@ -61,7 +57,7 @@ def train(net, bags, epochs: int, lr: float, seed: int) -> None:
     for _ in range(epochs):
         for i in rng.sample(range(len(bags)), len(bags)):
             opt.zero_grad()
-            F.cross_entropy(_logits(net, bags[i])[None], torch.as_tensor([bags[i]["label"]])).backward()
+            F.cross_entropy(bag_logits(net, bags[i])[None], torch.as_tensor([bags[i]["label"]])).backward()
             opt.step()
 
 
@@ -86,7 +82,7 @@ def with_deltas(base, deltas: dict[str, torch.Tensor]):
 @torch.no_grad()
 def accuracy(pick, bags) -> float:
     """4-way accuracy, ``pick(bag)`` giving the net to use for that bag."""
-    return float(np.mean([int(_logits(pick(b), b).argmax()) == int(b["label"]) for b in bags]))
+    return float(np.mean([int(bag_logits(pick(b), b).argmax()) == int(b["label"]) for b in bags]))
 
 
 def lora_task(base, bags, rank: int, epochs: int, lr: float, seed: int):
