@@ -163,7 +163,8 @@ class AdapterMethod:
 #: (``model -> loss term`` that training adds, already weighted by the method's config: SALT's; None: none),
 #: ``variants`` (``model -> {label: context factory}``: extra evaluations of one trained model that ``seg compare``
 #: scores, DyLoRA's ranks; None: none), ``optimizer`` (``(model, lr, weight_decay) -> Optimizer`` that training
-#: must use instead of AdamW: LoRA-Pro's; None: AdamW).
+#: must use instead of AdamW: LoRA-Pro's; None: AdamW), ``layer_ranks`` (``model -> {layer: rank}``: the ranks a
+#: rank-allocating method gave each layer, for ``seg compare``'s per-layer rank plots; None: fixed ranks).
 ADAPTERS: Registry[AdapterMethod] = Registry(
     "adapter method",
     {
@@ -175,6 +176,7 @@ ADAPTERS: Registry[AdapterMethod] = Registry(
         "regularizer": None,
         "variants": None,
         "optimizer": None,
+        "layer_ranks": None,
     },
 )
 

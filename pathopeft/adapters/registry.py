@@ -1,7 +1,7 @@
 """``create(name, model, ...)``: one factory for our adapters and PEFT's, so configs switch methods by a string.
 
 Every method is an entry of :data:`ADAPTERS` (defined in :mod:`pathopeft.adapters.core`) with its
-capabilities. Ours (``salt``, ``wara``, ``snella``, ``owlora``, ``svfit``, ``hydra``, ``nola``, ``loldu``, ``sorsa``, ``lorasb``, ``miss-core``, ``tlora``, ``loca``, ``randlora-core``, ``blocklora``, ``tera``) register in their own packages, which this
+capabilities. Ours (``salt``, ``wara``, ``snella``, ``owlora``, ``svfit``, ``hydra``, ``nola``, ``loldu``, ``sorsa``, ``lorasb``, ``miss-core``, ``tlora``, ``loca``, ``randlora-core``, ``blocklora``, ``tera``, the issue-16 rank-allocation methods) register in their own packages, which this
 module imports only to trigger that; PEFT's LoRA family (``lora``, ``dora``, ``pissa``) registers below with
 our rank/alpha/targets. Any other PEFT method (``waveft``, ``miss``, ``randlora``, ``vera``, …) is found by
 its PEFT name with its own config keywords. A new method of ours is one ``Delta`` + config package that
@@ -31,6 +31,7 @@ from torch import nn
 from pathopeft.adapters import salt, wara, snella, owlora, svfit, hydra, nola, loldu, sorsa, lorasb, miss, tlora  # noqa: F401  # isort: skip
 from pathopeft.adapters import loca, randlora, blocklora, tera  # noqa: F401  # isort: skip
 from pathopeft.adapters import dylora, sora, codyra, sltrain, increlora, allora, pego, orthoadapt  # noqa: F401  # isort: skip
+from pathopeft.adapters import diffora  # noqa: F401  # isort: skip
 # fmt: on
 from pathopeft.adapters.core import ADAPTERS, AdapterMethod, AdapterModel, our_method, register
 from pathopeft.adapters.lorapro import lora_pro_optimizer
@@ -118,6 +119,7 @@ ADAPTERS.add(
     identity_at_init=True,
     optimizer=lora_pro_optimizer,
 )
+from pathopeft.adapters import adalora  # noqa: F401  # isort: skip  (PEFT's AdaLoRA, after its LoRA family)
 
 
 def list_methods(include_peft: bool = True) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch import nn
 
 from pathopeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pathopeft.memory import peak_mib, start_peak
@@ -137,8 +138,28 @@ def fit_one(cfg: CompareConfig, method: str, lr: float, seed: int, dm: SegDataMo
     return {
         "model": model, "method": method, "lr": lr, "seed": seed, "s_per_step": seconds / max(1, trainer.global_step),
         "peak_mib": peak, "trainable": model.n_trainable(), "total": model.n_total(),
-        "nonfinite_steps": module.nonfinite_steps,
+        "nonfinite_steps": module.nonfinite_steps, **final_ranks(method, model),
     }  # fmt: skip
+
+
+def final_ranks(method: str, model: nn.Module) -> dict[str, Any]:
+    """For a rank-allocating method (its ``layer_ranks`` capability): the rank it left each layer and the
+    parameters a plain LoRA with those ranks holds, Σ rank·(in + out) — the final count that "equal parameter
+    count" compares; {} for fixed-rank methods."""
+    from pathopeft.adapters import ADAPTERS
+
+    name = _adapter(method)[0]
+    ranks_of = ADAPTERS.entry(name).caps.get("layer_ranks") if name is not None and name in ADAPTERS else None
+    if ranks_of is None:
+        return {}
+    ranks = ranks_of(model)
+    mods = dict(model.named_modules())
+    params = 0
+    for layer, rank in ranks.items():
+        module = next(m for n, m in mods.items() if n == layer or n.endswith("." + layer))
+        w = module.weight
+        params += rank * (w.shape[0] + w[0].numel())
+    return {"layer_ranks": ranks, "final_rank_params": params}
 
 
 #: Config fields that do not change what one (method, lr, seed) run computes, so a finished run is reusable.
@@ -249,10 +270,15 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
             "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "n_seeds": len(runs),
             "test_dice_per_seed": {r["seed"]: round(r["test_dice"], 4) for r in runs},
             **({"variants": best["variants"]} if best.get("variants") else {}),
+            **({"layer_ranks": [r["layer_ranks"] for r in runs],
+                "final_rank_params": statistics.mean(r["final_rank_params"] for r in runs)}
+               if all("layer_ranks" in r for r in runs) else {}),
         })  # fmt: skip
         write_report(cfg, rows, out)
     if grids:
         picture_grid(dm.test_set, grids, out / "grid.png")
+    if any(r.get("layer_ranks") for r in rows):
+        plot_layer_ranks(rows, out / "layer_ranks.png")
     return rows
 
 
@@ -289,6 +315,16 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
             lines += ["", f"{r['method']} at LR {r['best_lr']:g}, seed {cfg.seeds[0]}, evaluated per variant:", "",
                       "| variant | val Dice | test Dice |", "|---|---:|---:|"]  # fmt: skip
             lines += [f"| {k} | {v['val_dice']:.4f} | {v['test_dice']:.4f} |" for k, v in r["variants"].items()]
+    ranked = [r for r in rows if r.get("layer_ranks")]
+    if ranked:  # rank-allocating methods: what they ended with (per layer: layer_ranks.png)
+        lines += ["", ("Ranks the rank-allocating methods ended with (best LR, mean over seeds; per layer: "
+                  "`layer_ranks.png`):"), "", "| method | ranks kept | layers with a rank | LoRA-equivalent parameters |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for r in ranked:
+            kept = statistics.mean(sum(s.values()) for s in r["layer_ranks"])
+            live = statistics.mean(sum(v > 0 for v in s.values()) for s in r["layer_ranks"])
+            lines.append(f"| {r['method']} | {kept:.0f} | {live:.0f} of {len(r['layer_ranks'][0])} | "
+                         f"{r['final_rank_params']:,.0f} |")  # fmt: skip
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # failed rows: fewer
@@ -296,6 +332,36 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
     w.writerows(rows)
     atomic_write_text(out / "results.csv", table.getvalue())
     atomic_write_json(out / "config.json", asdict(cfg), indent=2)
+
+
+def plot_layer_ranks(rows: list[dict[str, Any]], path: Path) -> None:
+    """The rank each rank-allocating method left every layer (mean over seeds, min–max shaded), layers in model
+    order: where in the encoder the budget went."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r.get("layer_ranks")]
+    fig = Figure(figsize=(11, 1.2 + 1.9 * len(rows)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), 1, squeeze=False, sharex=False)
+    for ax, r in zip(axes[:, 0], rows, strict=True):
+        layers = list(r["layer_ranks"][0])
+        per_seed = np.array([[s.get(n, 0) for n in layers] for s in r["layer_ranks"]], dtype=float)
+        x = np.arange(len(layers))
+        ax.bar(x, per_seed.mean(0), width=1.0, color="tab:blue")
+        if len(per_seed) > 1:
+            ax.vlines(x, per_seed.min(0), per_seed.max(0), color="k", linewidth=0.6)
+        ax.set_xlim(-0.5, len(layers) - 0.5)
+        ax.set_ylabel("rank")
+        ax.set_title(f"{r['method']} (LR {r['best_lr']:g}): {per_seed.sum(1).mean():.0f} ranks over {len(layers)} "
+                     f"layers, ≈{r['final_rank_params']:,.0f} LoRA-equivalent parameters", fontsize=9)  # fmt: skip
+        ticks = x[:: max(1, len(layers) // 12)]
+        ax.set_xticks(ticks, [layers[i].removeprefix("encoder.").removeprefix("base_model.")[-28:] for i in ticks],
+                      fontsize=6, rotation=20)  # fmt: skip
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def picture_grid(ds: SegDataset, grids: dict[str, dict[int, torch.Tensor]], path: Path) -> None:

@@ -76,10 +76,12 @@ VARIANTS = {
     "snella[kernel=distance]": ("snella", {"kernel": "distance", "kept_value": "plain"}),
 }
 ALL = [*METHODS, *VARIANTS]
+# arguments a method cannot run without (AdaLoRA's schedule is defined by the run's length)
+REQUIRED = {"adalora": {"total_step": 100}}
 
 
 def spec(method: str) -> tuple[str, dict]:
-    return VARIANTS.get(method, (method, {}))
+    return VARIANTS.get(method, (method, REQUIRED.get(method, {})))
 
 
 def caps(method: str) -> dict:
@@ -141,6 +143,9 @@ def expected_trainable(method: str, model: nn.Module, targets: str) -> int:
         if ours.delta_cls is not None:
             cfg = ours.config_cls(r=RANK, target_modules=[name], **kw).for_layer(name)
             total += ours.delta_cls.expected_trainable(out_f, in_f, cfg)
+        elif method == "adalora":  # P (r₀ × in), Q (out × r₀) and Λ (r₀) at the initial rank r₀ = 1.5 r
+            r0 = max(RANK + 1, round(1.5 * RANK))
+            total += r0 * (in_f + out_f + 1)
         else:  # PEFT's LoRA family: A (r × in·kh·kw) and B (out × r); DoRA adds a magnitude per output
             total += RANK * (in_f + out_f) + (out_f if method == "dora" else 0)
     return total

@@ -404,3 +404,93 @@ def test_pego_adapts_q_and_v_of_a_fused_qkv_layer_only():
     third = dw.shape[0] // 3
     assert float(dw[third : 2 * third].abs().sum()) == 0.0  # k untouched
     assert float(dw[:third].abs().sum()) > 0 and float(dw[2 * third :].abs().sum()) > 0  # noqa: PT018
+
+
+# --- DiffoRA ------------------------------------------------------------------------------------------------
+def _diffora(candidates=(0, 2, 4), keep_fraction=0.5):
+    model = _mlp()
+    model = nn.Sequential(model[0], nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), model[2])
+    model = adapters.create("diffora", model, rank=4, targets=["0", "2", "4", "6"], candidates=list(candidates),
+                            keep_fraction=keep_fraction)  # fmt: skip
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith((".B", ".logits")):
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_diffora_relaxed_update_is_the_softmax_weighted_sum_over_weight_shared_candidates():
+    model = _diffora()
+    delta, base = _delta(model)
+    p = torch.softmax(delta.logits, 0)
+    expected = sum(pc * delta.scale * (delta.B[:, :c] @ delta.A[:c]) for pc, c in zip(p, (0, 2, 4), strict=True))
+    torch.testing.assert_close(delta.delta_weight(base), expected)
+    assert delta.logits.requires_grad
+    assert delta.logits.numel() == 3
+    x = torch.randn(5, 24)
+    loss = model(x).square().sum()
+    loss.backward()
+    assert delta.logits.grad is not None
+    assert delta.logits.grad.abs().sum() > 0
+
+
+def test_diffora_discretisation_keeps_exactly_the_budgeted_layers_with_the_supernet_weights():
+    from pathopeft.adapters.diffora import chosen_ranks, diffora_deltas, discretise
+
+    model = _diffora(keep_fraction=0.5)
+    deltas = diffora_deltas(model)
+    prob = {n: float(d.adapter_probability().detach()) for n, d in deltas.items()}
+    before = {n: (d.A.detach().clone(), d.B.detach().clone()) for n, d in deltas.items()}
+    best = {n: max((float(p), c) for p, c in zip(torch.softmax(d.logits, 0), d.candidates, strict=True) if c)[1]
+            for n, d in deltas.items()}  # fmt: skip
+    chosen = discretise(model)
+    assert chosen == chosen_ranks(model)
+    kept = {n for n, c in chosen.items() if c}
+    assert len(kept) == 2  # round(0.5 · 4)
+    assert kept == set(sorted(prob, key=prob.get, reverse=True)[:2])
+    for n, d in deltas.items():
+        base = model.base_model.get_submodule(n.removeprefix("base_model.")).base_layer
+        A, B = before[n]
+        c = chosen[n]
+        if c:
+            assert c == best[n]
+            torch.testing.assert_close(d.delta_weight(base), d.scale * (B[:, :c] @ A[:c]))
+        else:
+            assert not d.delta_weight(base).any()
+            assert not d.A.requires_grad
+            assert not d.B.requires_grad
+        assert not d.logits.requires_grad
+
+
+def test_diffora_search_callback_discretises_after_the_search_share_and_a_saved_adapter_reloads_discretised(tmp_path):
+    from types import SimpleNamespace
+
+    from pathopeft.adapters.diffora import DifforaSearch, chosen_ranks
+
+    assert adapters.ADAPTERS.entry("diffora").caps["callback"] is DifforaSearch
+    model = _diffora(candidates=(), keep_fraction=0.25)  # [] → candidates {0, r}
+    cb = DifforaSearch()
+    for step in (0, 3):
+        cb.on_train_batch_end(SimpleNamespace(max_steps=10, global_step=step), model)
+        assert set(chosen_ranks(model).values()) == {-1}  # still relaxed before 0.5 · 10 steps
+    cb.on_train_batch_end(SimpleNamespace(max_steps=10, global_step=5), model)
+    ranks = chosen_ranks(model)
+    assert sorted(ranks.values()) == [0, 0, 0, 4]
+    x = torch.randn(4, 24)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    fresh = adapters.load(_diffora_base(), tmp_path)
+    assert chosen_ranks(fresh) == ranks
+    torch.testing.assert_close(fresh(x), expected)
+
+
+def _diffora_base() -> nn.Module:
+    model = _mlp()
+    return nn.Sequential(model[0], nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), model[2])
+
+
+def test_diffora_refuses_candidates_without_the_empty_choice_or_beyond_the_rank():
+    for bad in ([2, 4], [0, 9], [0, 2, 2]):
+        with pytest.raises(ValueError, match="candidates"):
+            adapters.create("diffora", _mlp(), rank=4, targets=["0"], candidates=bad)

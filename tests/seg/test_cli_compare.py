@@ -361,6 +361,34 @@ def test_seg_compare_with_sora_thresholds_its_gates_to_exact_zeros(glas_manifest
     assert 0 <= seen < 4 * 4  # 4 layers (qkv, proj, fc1, fc2) of rank 4: the callback zeroed some gates
 
 
+@pytest.mark.shared
+def test_seg_compare_with_diffora_discretises_and_records_the_ranks_it_chose(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.adapters.diffora import chosen_ranks
+
+    (seen,) = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "diffora", 4, chosen_ranks,
+                                  keep_fraction=0.5, search_fraction=0.5)  # fmt: skip
+    assert sorted(seen.values()) == [0, 0, 4, 4]  # the callback cut the search: 2 of the 4 layers kept
+    record = json.loads(next((tmp_path / "cmp" / "runs").glob("diffora_*.json")).read_text())
+    assert sorted(record["layer_ranks"].values()) == [0, 0, 4, 4]
+    kept = [n for n, r in record["layer_ranks"].items() if r]
+    in_plus_out = {"qkv": 32 + 96, "proj": 32 + 32, "fc1": 32 + 128, "fc2": 128 + 32}  # embed 32, mlp 128
+    assert record["final_rank_params"] == sum(4 * in_plus_out[n.rsplit(".", 1)[-1]] for n in kept)
+    assert (tmp_path / "cmp" / "layer_ranks.png").stat().st_size > 1000
+    assert "| diffora | 8 | 2 of 4 |" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+@pytest.mark.shared
+def test_seg_compare_runs_peft_adalora_with_its_budget_allocation(glas_manifest, tmp_path, monkeypatch):
+    from pathopeft.adapters.adalora import adalora_layer_ranks
+
+    (seen,) = _compare_one_method(glas_manifest, tmp_path, monkeypatch, "adalora", 8, adalora_layer_ranks,
+                                  total_step=8, init_r=6, tinit=1, tfinal=2, deltaT=1)  # fmt: skip
+    assert len(seen) == 4
+    assert sum(seen.values()) == 4 * 4
+    record = json.loads(next((tmp_path / "cmp" / "runs").glob("adalora_*.json")).read_text())
+    assert record["layer_ranks"] == seen
+
+
 def test_compare_rows_can_label_one_method_at_several_settings(tmp_path):
     """``name@label`` is method ``name`` with the options under that label (a method at its official settings
     and at an equal budget); ``rank: null`` leaves the method's own default."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, register
-from pathopeft.adapters.sora import GatedLoraDelta, GateThreshold
+from pathopeft.adapters.sora import GatedLoraDelta, GateThreshold, layer_ranks
 
 
 @dataclass
@@ -58,6 +58,7 @@ def next_task(adapter_model: nn.Module) -> int:
     return merged
 
 
-register("codyra", CodyraConfig, GatedLoraDelta, conv=True, identity_at_init=True, callback=GateThreshold)
+register("codyra", CodyraConfig, GatedLoraDelta, conv=True, identity_at_init=True, callback=GateThreshold,
+         layer_ranks=layer_ranks)  # fmt: skip
 
 __all__ = ["CodyraConfig", "next_task"]

@@ -127,6 +127,13 @@ def increlora_deltas(model: nn.Module) -> list[IncreLoraDelta]:
             and isinstance(m.deltas[m.active], IncreLoraDelta)]  # fmt: skip
 
 
+def layer_ranks(model: nn.Module) -> dict[str, int]:
+    """Active ranks per IncreLoRA layer (the ``layer_ranks`` capability)."""
+    return {n: m.deltas[m.active].rank for n, m in model.named_modules()
+            if isinstance(m, AdaptedLayer) and m.active is not None
+            and isinstance(m.deltas[m.active], IncreLoraDelta)}  # fmt: skip
+
+
 def total_rank(model: nn.Module) -> int:
     return sum(d.rank for d in increlora_deltas(model))
 
@@ -174,6 +181,7 @@ def increlora_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 register("increlora", IncreLoraConfig, IncreLoraDelta, conv=True, identity_at_init=True,
-         callback=IncreLoraAllocator, regularizer=increlora_loss)  # fmt: skip
+         callback=IncreLoraAllocator, regularizer=increlora_loss, layer_ranks=layer_ranks)  # fmt: skip
 
-__all__ = ["IncreLoraAllocator", "IncreLoraConfig", "IncreLoraDelta", "allocate", "increlora_loss", "total_rank"]
+__all__ = ["IncreLoraAllocator", "IncreLoraConfig", "IncreLoraDelta", "allocate", "increlora_loss", "layer_ranks",
+           "total_rank"]  # fmt: skip

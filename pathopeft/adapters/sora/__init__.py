@@ -94,6 +94,11 @@ def live_ranks(model: nn.Module) -> int:
     return sum(d.live_ranks() for d in gated_deltas(model).values())
 
 
+def layer_ranks(model: nn.Module) -> dict[str, int]:
+    """Live (non-zero-gate) ranks per gated layer: the ``layer_ranks`` capability of ``sora`` and ``codyra``."""
+    return {n: d.live_ranks() for n, d in gated_deltas(model).items()}
+
+
 def phase_threshold(step: int, total: int, xi_max: float, levels: int, dense_fraction: float) -> float:
     """ξ at ``step`` of ``total``: 0 for the dense share, then ``levels`` equal phases up to ``xi_max``."""
     dense = int(dense_fraction * total)
@@ -140,7 +145,7 @@ def prune_to_lora(adapter_model: nn.Module) -> nn.Module:
 
 
 register("sora", SoraConfig, GatedLoraDelta, conv=True, identity_at_init=True, callback=GateThreshold,
-         regularizer=sora_loss)  # fmt: skip
+         regularizer=sora_loss, layer_ranks=layer_ranks)  # fmt: skip
 
-__all__ = ["GateThreshold", "GatedLoraDelta", "SoraConfig", "live_ranks", "phase_threshold", "prune_to_lora",
+__all__ = ["GateThreshold", "GatedLoraDelta", "SoraConfig", "layer_ranks", "live_ranks", "phase_threshold", "prune_to_lora",
            "sora_loss"]  # fmt: skip
