@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from pathopeft.cli import main
@@ -87,6 +88,14 @@ def test_seg_compare_config_is_a_compare_config(path: Path) -> None:
     assert not Path(cfg.out_dir).is_absolute()
     _check_input(cfg.manifest)
     _check_input(cfg.weights)
+    from pathopeft import adapters
+    from pathopeft.seg.compare import _adapter
+
+    for method in cfg.methods:  # every method's options are its config's: a typo fails here, not an hour into a run
+        name = _adapter(method)[0]
+        if name not in (None, "full"):
+            conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+            adapters.create(name, conv, **{"rank": cfg.rank, **cfg.method_kwargs.get(method, {})}, targets=["0", "2"])
 
 
 @pytest.mark.parametrize("path", SEG_FIT, ids=_name)

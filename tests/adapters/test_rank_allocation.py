@@ -494,3 +494,25 @@ def test_diffora_refuses_candidates_without_the_empty_choice_or_beyond_the_rank(
     for bad in ([2, 4], [0, 9], [0, 2, 2]):
         with pytest.raises(ValueError, match="candidates"):
             adapters.create("diffora", _mlp(), rank=4, targets=["0"], candidates=bad)
+
+
+@pytest.mark.parametrize("method", ["sora", "codyra", "increlora", "diffora"])
+def test_rank_allocating_methods_report_the_rank_of_every_adapted_layer(method):
+    model = adapters.create(method, _mlp(), rank=4, targets=["0", "2"])
+    ranks = adapters.ADAPTERS.entry(method).caps["layer_ranks"](model)
+    assert sorted(n.rsplit(".", 1)[-1] for n in ranks) == ["0", "2"]
+    start = {"sora": 4, "codyra": 4, "increlora": 1, "diffora": 4}[method]  # IncreLoRA starts at init_rank 1
+    assert set(ranks.values()) == {start}
+    for m in model.modules():  # switch one rank off (a zero gate, an inactive reserve rank, a discrete cut)
+        if hasattr(m, "gate"):
+            with torch.no_grad():
+                m.gate[0] = 0
+            break
+    else:
+        if method == "diffora":
+            from pathopeft.adapters.diffora import discretise
+
+            discretise(model, keep_fraction=0.5)
+            assert sorted(adapters.ADAPTERS.entry(method).caps["layer_ranks"](model).values()) == [0, 4]
+        return
+    assert sorted(adapters.ADAPTERS.entry(method).caps["layer_ranks"](model).values()) == [3, 4]
