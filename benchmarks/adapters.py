@@ -77,6 +77,10 @@ adapters.register("dense-masked", DenseMaskedConfig, DenseMaskedDelta)
 
 
 # --- runs ---------------------------------------------------------------------------------------------------------
+#: Arguments a method cannot be built without (AdaLoRA's schedule is defined by the run length; cost is not).
+REQUIRED = {"adalora": {"total_step": 1000}}
+
+
 def variants(rank: int) -> list[tuple[str, str, dict]]:
     """(label, method, kwargs) in table order; LoRA first (the reference)."""
     out = [("lora", "lora", {"rank": rank}), ("dora", "dora", {"rank": rank}), ("pissa", "pissa", {"rank": rank})]
@@ -98,7 +102,7 @@ def variants(rank: int) -> list[tuple[str, str, dict]]:
 
     listed = {m for _, m, _ in out}
     out += [
-        (name, name, {"rank": rank})
+        (name, name, {"rank": rank, **REQUIRED.get(name, {})})
         for name in list_methods()
         if name not in listed and not ADAPTERS.entry(name).caps["needs_data"]
     ]  # every other registered method
@@ -211,6 +215,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-steps", type=int, default=2)
     p.add_argument("--infer-rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny ViT, for a smoke run")
+    p.add_argument("--only", nargs="+", help="these methods' rows only (LoRA's is always kept as the reference)")
     p.add_argument("--out", help="also write the Markdown to this file")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -232,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     runs = variants(args.rank)
+    if args.only:
+        runs = [r for r in runs if r[0] == "lora" or r[1] in args.only]
     models = {label: make(args, m, kw).train() for label, m, kw in runs}
     counts = {label: n_params(m) for label, m in models.items()}
     steps = {label: make_step(m, args) for label, m in models.items()}
