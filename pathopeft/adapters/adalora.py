@@ -81,13 +81,16 @@ def adalora_orth_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def adalora_layer_ranks(model: nn.Module) -> dict[str, int]:
-    """Ranks each AdaLoRA layer keeps: the non-zero singular values Λ (``lora_E``) after PEFT's masking."""
+    """Ranks each AdaLoRA layer keeps: PEFT's ``rank_pattern`` once its allocator has masked ranks, else every
+    initial rank (``init_r``: before the first allocation nothing is pruned)."""
     m = _peft_model(model)
     if m is None:
         return {}
     name = m.trainable_adapter_name
     suffix = f".lora_E.{name}"
-    return {n.removesuffix(suffix): int((p != 0).sum()) for n, p in m.model.named_parameters() if n.endswith(suffix)}
+    pattern = m.peft_config[name].rank_pattern or {}
+    return {n.removesuffix(suffix): int(sum(pattern[n])) if n in pattern else int(p.numel())
+            for n, p in m.model.named_parameters() if n.endswith(suffix)}  # fmt: skip
 
 
 ADAPTERS.add(
