@@ -77,10 +77,6 @@ adapters.register("dense-masked", DenseMaskedConfig, DenseMaskedDelta)
 
 
 # --- runs ---------------------------------------------------------------------------------------------------------
-#: Arguments a method cannot be built without (AdaLoRA's schedule is defined by the run length; cost is not).
-REQUIRED = {"adalora": {"total_step": 1000}}
-
-
 def variants(rank: int) -> list[tuple[str, str, dict]]:
     """(label, method, kwargs) in table order; LoRA first (the reference)."""
     out = [("lora", "lora", {"rank": rank}), ("dora", "dora", {"rank": rank}), ("pissa", "pissa", {"rank": rank})]
@@ -102,7 +98,7 @@ def variants(rank: int) -> list[tuple[str, str, dict]]:
 
     listed = {m for _, m, _ in out}
     out += [
-        (name, name, {"rank": rank, **REQUIRED.get(name, {})})
+        (name, name, {"rank": rank})
         for name in list_methods()
         if name not in listed and not ADAPTERS.entry(name).caps["needs_data"]
     ]  # every other registered method

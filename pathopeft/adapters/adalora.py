@@ -14,9 +14,11 @@ a training loop:
 * ``layer_ranks``: the ranks each layer keeps (non-zero entries of Λ), for the per-layer rank plots.
 
 ``rank`` is the final average rank (``target_r``); ``init_r`` defaults to 1.5 × rank, the paper's b(0) = 1.5 b(T).
-``total_step`` (the run's optimiser steps) is required, as PEFT's schedule is defined by it; ``tinit`` and
-``tfinal`` default to 10 % and 20 % of it and ``deltaT`` to 10 (the paper's GLUE runs: a few hundred warm-up
-steps, a final phase, reallocation every 10–100 steps; here scaled to short runs).
+PEFT's schedule is defined by ``total_step`` (the run's optimiser steps); ``tinit`` and ``tfinal`` default to 10 %
+and 20 % of it and ``deltaT`` to 10 (the paper's GLUE runs: a few hundred warm-up steps, a final phase,
+reallocation every 10–100 steps; here scaled to short runs). Without ``total_step`` the config holds a placeholder
+and the callback sets the Lightning run's own length at fit start (PEFT's ``set_total_step``), so ``seg fit`` and
+``seg compare`` need no extra option.
 """
 
 from __future__ import annotations
@@ -29,21 +31,37 @@ from torch import nn
 
 from pathopeft.adapters.core import ADAPTERS, AdapterMethod
 
+#: Attribute of an ``AdaLoraConfig`` built without ``total_step``: the schedule steps the user fixed ({} if none);
+#: :class:`AdaLoraAllocate` then sets the run's length at fit start.
+AUTO_SCHEDULE = "_pathopeft_auto_schedule"
+PLACEHOLDER_STEPS = 1000
+
+
+def schedule(total: int, fixed: dict[str, int]) -> dict[str, int]:
+    """``tinit`` / ``tfinal`` for a run of ``total`` steps: the user's, else 10 % and 20 % of it."""
+    return {
+        "tinit": fixed.get("tinit", max(1, int(0.1 * total))),
+        "tfinal": fixed.get("tfinal", max(1, int(0.2 * total))),
+    }
+
 
 def adalora_config(targets: list[str], rank: int | None, alpha: float | None, **kw: Any) -> Any:
     import peft
 
     total = kw.pop("total_step", None)
-    if not total or total <= 0:
-        raise ValueError("adapter method 'adalora' needs total_step=<the run's optimiser steps> (its budget schedule)")
+    if total is not None and total <= 0:
+        raise ValueError(f"adapter method 'adalora': total_step must be > 0, got {total}")
+    fixed = {k: kw.pop(k) for k in ("tinit", "tfinal") if k in kw}
     r = rank or 8
     kw.setdefault("init_r", max(r + 1, round(1.5 * r)))
-    kw.setdefault("tinit", max(1, int(0.1 * total)))
-    kw.setdefault("tfinal", max(1, int(0.2 * total)))
     kw.setdefault("deltaT", 10)
-    return peft.AdaLoraConfig(
-        target_r=r, lora_alpha=alpha if alpha is not None else r, total_step=total, target_modules=targets, **kw
-    )
+    config = peft.AdaLoraConfig(
+        target_r=r, lora_alpha=alpha if alpha is not None else r, total_step=total or PLACEHOLDER_STEPS,
+        target_modules=targets, **schedule(total or PLACEHOLDER_STEPS, fixed), **kw,
+    )  # fmt: skip
+    if total is None:
+        setattr(config, AUTO_SCHEDULE, fixed)
+    return config
 
 
 def _peft_model(model: nn.Module) -> nn.Module | None:
@@ -57,7 +75,27 @@ def _peft_model(model: nn.Module) -> nn.Module | None:
 
 
 class AdaLoraAllocate(pl.Callback):
-    """PEFT's ``update_and_allocate`` after each optimiser step (step numbers from 0, as PEFT's example loop)."""
+    """PEFT's ``update_and_allocate`` after each optimiser step (step numbers from 0, as PEFT's example loop);
+    at fit start, the run's length as ``total_step`` when the config was built without one."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        m = _peft_model(pl_module)
+        if m is None:
+            return
+        config = m.peft_config[m.trainable_adapter_name]
+        fixed = getattr(config, AUTO_SCHEDULE, None)
+        if fixed is None:
+            return
+        steps = (
+            trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        )
+        total = int(steps)
+        for k, v in schedule(total, fixed).items():
+            setattr(config, k, v)
+        if config.tinit >= total - config.tfinal:
+            raise ValueError(f"adalora: tinit {config.tinit} + tfinal {config.tfinal} leave no allocation phase in "
+                             f"a run of {total} steps")  # fmt: skip
+        m.rankallocator.set_total_step(total)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         m = _peft_model(pl_module)

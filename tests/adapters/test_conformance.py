@@ -76,12 +76,10 @@ VARIANTS = {
     "snella[kernel=distance]": ("snella", {"kernel": "distance", "kept_value": "plain"}),
 }
 ALL = [*METHODS, *VARIANTS]
-# arguments a method cannot run without (AdaLoRA's schedule is defined by the run's length)
-REQUIRED = {"adalora": {"total_step": 100}}
 
 
 def spec(method: str) -> tuple[str, dict]:
-    return VARIANTS.get(method, (method, REQUIRED.get(method, {})))
+    return VARIANTS.get(method, (method, {}))
 
 
 def caps(method: str) -> dict:

@@ -361,7 +361,7 @@ def test_a_linear_only_peft_method_on_a_conv_is_one_error_before_wrapping():
 
     assert not peft_adapts_conv("vera")
     assert peft_adapts_conv("loha")
-    assert not peft_adapts_conv("oft")  # PEFT 0.21's OFT on Conv2d is not the identity at init (its Linear is)
+    # OFT is why it is a probe: PEFT 0.21's OFT on Conv2d was not the identity at init (refused), 0.22's is (adapted)
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     with pytest.raises(ValueError, match=r"vera \(PEFT\) adapts nn.Linear only; these targets are Conv2d: \['2'\]"):
         adapters.create("vera", cnn, rank=4, targets=["2"])
