@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pathopeft.adapters.core import ADAPTERS, AdapterMethod
+from pathopeft.adapters.core import ADAPTERS, AdapterMethod, planned_steps
 
 #: Attribute of an ``AdaLoraConfig`` built without ``total_step``: the schedule steps the user fixed ({} if none);
 #: :class:`AdaLoraAllocate` then sets the run's length at fit start.
@@ -86,10 +86,7 @@ class AdaLoraAllocate(pl.Callback):
         fixed = getattr(config, AUTO_SCHEDULE, None)
         if fixed is None:
             return
-        steps = (
-            trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        )
-        total = int(steps)
+        total = planned_steps(trainer)
         for k, v in schedule(total, fixed).items():
             setattr(config, k, v)
         if config.tinit >= total - config.tfinal:

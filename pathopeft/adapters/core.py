@@ -242,6 +242,26 @@ class AdaptedLayer(nn.Module):
             w.sub_(self.deltas[name].delta_from_merged(self.base_layer).to(w.dtype).view_as(w))
 
 
+def active_layers(model: nn.Module, delta_cls: type[Delta]) -> dict[str, AdaptedLayer]:
+    """The adapted layers of ``model`` whose active adapter is a ``delta_cls``, by name (the set a method's
+    callback, regulariser or rank report works on)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, AdaptedLayer) and m.active is not None
+            and isinstance(m.deltas[m.active], delta_cls)}  # fmt: skip
+
+
+def active_deltas(model: nn.Module, delta_cls: type[Delta]) -> dict[str, Delta]:
+    """The active ``delta_cls`` adapters of ``model`` by layer name."""
+    return {n: m.deltas[m.active] for n, m in active_layers(model, delta_cls).items()}
+
+
+def planned_steps(trainer: Any) -> int:
+    """The optimiser steps a Lightning run will take: ``max_steps`` when set, else Lightning's estimate (what a
+    schedule over the run — SoRA's phases, DiffoRA's search, AdaLoRA's budget — is laid out on)."""
+    steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+    return int(steps)
+
+
 class AdapterModel(nn.Module):
     """A model with named adapters of one registered method family; see the module docstring."""
 

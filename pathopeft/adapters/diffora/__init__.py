@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, Delta, register
+from pathopeft.adapters.core import AdapterConfig, Delta, active_deltas, planned_steps, register
 
 #: ``chosen`` while the layer is still relaxed (searching).
 SEARCHING = -1
@@ -108,9 +108,7 @@ class DifforaDelta(Delta):
 
 def diffora_deltas(model: nn.Module) -> dict[str, DifforaDelta]:
     """The active DiffoRA deltas of ``model`` by layer name."""
-    return {n: m.deltas[m.active] for n, m in model.named_modules()
-            if isinstance(m, AdaptedLayer) and m.active is not None
-            and isinstance(m.deltas[m.active], DifforaDelta)}  # fmt: skip
+    return active_deltas(model, DifforaDelta)
 
 
 @torch.no_grad()
@@ -151,13 +149,12 @@ class DifforaSearch(pl.Callback):
     capability of ``diffora``, so every Lightning fit through the library runs it."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        deltas = diffora_deltas(pl_module)
-        if not deltas or not next(iter(deltas.values())).searching:
-            return
-        total = (
-            trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        )
-        if trainer.global_step >= int(next(iter(deltas.values())).config.search_fraction * int(total)):
+        first = next(iter(diffora_deltas(pl_module).values()), None)
+        if (
+            first is not None
+            and first.searching
+            and trainer.global_step >= int(first.config.search_fraction * planned_steps(trainer))
+        ):
             discretise(pl_module)
 
 

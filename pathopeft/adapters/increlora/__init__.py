@@ -31,7 +31,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, Delta, base_forward_with_weight, register
+from pathopeft.adapters.core import (
+    AdapterConfig,
+    Delta,
+    active_deltas,
+    base_forward_with_weight,
+    register,
+)
 
 RANKS_PER_STEP = {2: 1, 4: 2, 6: 3, 8: 4}  # the code's incre_rank_num by target rank
 
@@ -122,16 +128,12 @@ class IncreLoraDelta(Delta):
 
 
 def increlora_deltas(model: nn.Module) -> list[IncreLoraDelta]:
-    return [m.deltas[m.active] for m in model.modules()
-            if isinstance(m, AdaptedLayer) and m.active is not None
-            and isinstance(m.deltas[m.active], IncreLoraDelta)]  # fmt: skip
+    return list(active_deltas(model, IncreLoraDelta).values())
 
 
 def layer_ranks(model: nn.Module) -> dict[str, int]:
     """Active ranks per IncreLoRA layer (the ``layer_ranks`` capability)."""
-    return {n: m.deltas[m.active].rank for n, m in model.named_modules()
-            if isinstance(m, AdaptedLayer) and m.active is not None
-            and isinstance(m.deltas[m.active], IncreLoraDelta)}  # fmt: skip
+    return {n: d.rank for n, d in active_deltas(model, IncreLoraDelta).items()}
 
 
 def total_rank(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, Delta, register, weight_2d
+from pathopeft.adapters.core import AdapterConfig, Delta, active_layers, register, weight_2d
 
 
 @dataclass
@@ -77,8 +77,7 @@ def lora_sb_init(
     ``loss_fn(model, batch)`` returns the batch's mean loss (it is scaled by 1/batch size, as the official code
     does). Returns the number of batches used. The base weights are left frozen and unchanged.
     """
-    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer) and m.active is not None
-              and isinstance(m.deltas[m.active], LoraSbDelta)]  # fmt: skip
+    layers = list(active_layers(model, LoraSbDelta).values())
     if not layers:
         raise ValueError("lora_sb_init: the model has no active LoRA-SB adapter")
     sums = [torch.zeros_like(weight_2d(m.base_layer), dtype=torch.float32) for m in layers]

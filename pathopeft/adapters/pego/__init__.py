@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, Delta, register, weight_2d
+from pathopeft.adapters.core import AdapterConfig, Delta, active_layers, register, weight_2d
 
 
 @dataclass
@@ -99,11 +99,10 @@ class PegoDelta(Delta):
 def pego_loss(model: nn.Module) -> torch.Tensor | None:
     """λ · the preserve and diversify terms over every PEGO layer (the ``regularizer`` capability)."""
     terms, weight = [], None
-    for m in model.modules():
-        if isinstance(m, AdaptedLayer) and m.active is not None and isinstance(m.deltas[m.active], PegoDelta):
-            d = m.deltas[m.active]
-            terms.append(d.regulariser(m.base_layer))
-            weight = d.config.reg_weight
+    for m in active_layers(model, PegoDelta).values():
+        d = m.deltas[m.active]
+        terms.append(d.regulariser(m.base_layer))
+        weight = d.config.reg_weight
     if not terms or not weight:
         return None
     return weight * torch.stack(terms).sum()

@@ -34,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pathopeft.adapters.core import AdaptedLayer, AdapterConfig, Delta, register
+from pathopeft.adapters.core import AdapterConfig, Delta, active_deltas, planned_steps, register
 
 
 @dataclass
@@ -84,9 +84,7 @@ class GatedLoraDelta(Delta):
 
 def gated_deltas(model: nn.Module) -> dict[str, GatedLoraDelta]:
     """The active gated deltas of ``model`` by layer name."""
-    return {n: m.deltas[m.active] for n, m in model.named_modules()
-            if isinstance(m, AdaptedLayer) and m.active is not None
-            and isinstance(m.deltas[m.active], GatedLoraDelta)}  # fmt: skip
+    return active_deltas(model, GatedLoraDelta)
 
 
 def live_ranks(model: nn.Module) -> int:
@@ -113,12 +111,10 @@ class GateThreshold(pl.Callback):
     capability of ``sora`` and ``codyra``, so every Lightning fit through the library runs it."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        total = (
-            trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        )
+        total = planned_steps(trainer)
         for d in gated_deltas(pl_module).values():
             c = d.config
-            d.threshold(phase_threshold(trainer.global_step, int(total), c.xi_max, c.levels, c.dense_fraction))
+            d.threshold(phase_threshold(trainer.global_step, total, c.xi_max, c.levels, c.dense_fraction))
 
 
 def sora_loss(model: nn.Module) -> torch.Tensor | None:
