@@ -73,6 +73,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 90) -> Path:
+    """Render a matplotlib ``Figure`` with the Agg canvas (no pyplot, no global state, no display needed) and
+    write it as a PNG atomically."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str))
 

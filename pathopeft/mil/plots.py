@@ -6,7 +6,6 @@ through :mod:`pathopeft.io`.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -14,25 +13,15 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from pathopeft.io import atomic_write_bytes
+from pathopeft.io import atomic_write_figure
 
 __all__ = ["plot_accuracy_matrix", "plot_instance_heatmap"]
 
 PathLike = str | os.PathLike[str]
-
-
-def _save_figure(fig: Figure, path: PathLike, dpi: int) -> Path:
-    """Render ``fig`` with the Agg canvas (no pyplot, no global state, no display needed) and write it atomically."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
 
 
 def plot_accuracy_matrix(m: np.ndarray, names: Sequence[str], path: PathLike, title: str = "", dpi: int = 120) -> Path:
@@ -63,7 +52,7 @@ def plot_accuracy_matrix(m: np.ndarray, names: Sequence[str], path: PathLike, ti
     if title:
         ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save_figure(fig, path, dpi)
+    return atomic_write_figure(fig, path, dpi)
 
 
 # ------------------------------------------------------------------------------------------ instance heatmap
@@ -135,7 +124,7 @@ def plot_instance_heatmap(
             ax.set_xticks([])
             ax.set_yticks([])
         ax.text(0.5, 0.5, "no tiles", transform=ax.transAxes, ha="center", va="center", fontsize=20, color="tab:red")
-        return _save_figure(fig, path, dpi)
+        return atomic_write_figure(fig, path, dpi)
 
     s = tile_size_l0
     corners = np.array([[0.0, 0.0], [s, 0.0], [s, s], [0.0, s]])
@@ -154,4 +143,4 @@ def plot_instance_heatmap(
     if labels is not None and np.any(labels == 1):
         pos = PolyCollection(verts[labels == 1], facecolors="none", edgecolors="cyan", linewidths=1.2)
         ax.add_collection(pos)
-    return _save_figure(fig, path, dpi)
+    return atomic_write_figure(fig, path, dpi)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pathopeft.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pathopeft.io import atomic_write_bytes, atomic_write_figure, atomic_write_json, atomic_write_text
 from pathopeft.memory import peak_mib, start_peak
 from pathopeft.seg.data import SegDataModule, SegDataset
 from pathopeft.seg.metrics import DiceIoU
@@ -335,14 +335,12 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
 
 
 def plot_layer_ranks(rows: list[dict[str, Any]], path: Path) -> None:
-    """The rank each rank-allocating method left every layer (mean over seeds, min–max shaded), layers in model
-    order: where in the encoder the budget went."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """The rank each rank-allocating method left every layer (mean over seeds, a min–max whisker where there are
+    several), layers in model order: where in the encoder the budget went."""
     from matplotlib.figure import Figure
 
     rows = [r for r in rows if r.get("layer_ranks")]
     fig = Figure(figsize=(11, 1.2 + 1.9 * len(rows)))
-    FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), 1, squeeze=False, sharex=False)
     for ax, r in zip(axes[:, 0], rows, strict=True):
         layers = list(r["layer_ranks"][0])
@@ -359,20 +357,16 @@ def plot_layer_ranks(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(ticks, [layers[i].removeprefix("encoder.").removeprefix("base_model.")[-28:] for i in ticks],
                       fontsize=6, rotation=20)  # fmt: skip
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=90)
-    atomic_write_bytes(path, png.getvalue())
+    atomic_write_figure(fig, path)
 
 
 def picture_grid(ds: SegDataset, grids: dict[str, dict[int, torch.Tensor]], path: Path) -> None:
     """Rows: test images; columns: image, ground truth, then each method's prediction."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     methods = list(grids)
     images = list(next(iter(grids.values())))
     fig = Figure(figsize=(2.2 * (2 + len(methods)), 2.2 * len(images)))
-    FigureCanvasAgg(fig)
     axes = fig.subplots(len(images), 2 + len(methods), squeeze=False)
     for row, idx in enumerate(images):
         img = ds.load(idx)[0]
@@ -385,6 +379,4 @@ def picture_grid(ds: SegDataset, grids: dict[str, dict[int, torch.Tensor]], path
             if row == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=90)
-    atomic_write_bytes(path, png.getvalue())
+    atomic_write_figure(fig, path)
