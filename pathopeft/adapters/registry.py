@@ -31,7 +31,7 @@ from torch import nn
 from pathopeft.adapters import salt, wara, snella, owlora, svfit, hydra, nola, loldu, sorsa, lorasb, miss, tlora  # noqa: F401  # isort: skip
 from pathopeft.adapters import loca, randlora, blocklora, tera  # noqa: F401  # isort: skip
 from pathopeft.adapters import dylora, sora, codyra, sltrain, increlora, allora, pego, orthoadapt  # noqa: F401  # isort: skip
-from pathopeft.adapters import diffora  # noqa: F401  # isort: skip
+from pathopeft.adapters import diffora, bayesbits_lora  # noqa: F401  # isort: skip
 # fmt: on
 from pathopeft.adapters.core import ADAPTERS, AdapterMethod, AdapterModel, our_method, register
 from pathopeft.adapters.lorapro import lora_pro_optimizer
