@@ -15,6 +15,11 @@ organs apart):
 * ``orthoadapt sum``: per-task adapters with frozen orthogonal A blocks, trained the same way, summed;
 * ``joint LoRA``: one adapter trained on both tasks' bags (the data-sharing upper bound).
 
+Beside the accuracies, each method's cost: the numbers a deployment keeps beside the base model (a merge folded
+into W keeps none; a library keeps every task's factors and the router's prototypes; RMM its basis and
+coefficients), the seconds to combine the trained adapters (data-free for the merges; the router's fit reads the
+training bags' mean features), and whether inference runs one model or picks one per bag.
+
 Usage::
 
     python benchmarks/merge_mil.py --manifest runs/two_organ_bags/bags.csv --seeds 0 1 2
@@ -28,6 +33,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -106,17 +112,42 @@ def ortho_task(base, bags, rank: int, task: int, epochs: int, lr: float, seed: i
             for n, m in model.base_model.named_modules() if isinstance(m, AdaptedLayer)}  # fmt: skip
 
 
+def n_numbers(factors) -> int:
+    """How many numbers a ``{layer: (B, A)}`` LoRA stores."""
+    return sum(B.numel() + A.numel() for B, A in factors.values())
+
+
+class Stopwatch:
+    """Seconds spent inside ``with watch:`` blocks, summed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> Self:
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._t
+
+
 def run_seed(data: PreparedBags, width: int, rank: int, epochs: int, lr: float, seed: int) -> dict[str, float]:
-    """Every method of the module docstring for one seed: ``{"method|task": accuracy, …}``."""
+    """Every method of the module docstring for one seed: ``{"method|task": accuracy, …}``, plus each method's
+    ``"method|stored"`` (numbers kept beside the base) and ``"method|combine s"``."""
     split = {(t, s): data.loaded(data.bags(t, s)) for t in TASKS for s in ("train", "test")}
     base = base_net(data.in_dim, width, seed)
     t0 = time.perf_counter()
     loras = [lora_task(base, split[(t, "train")], rank, epochs, lr, seed + i) for i, t in enumerate(TASKS)]
     deltas = [{n: B @ A for n, (B, A) in f.items()} for f in loras]
     per_task = [with_deltas(base, d) for d in deltas]
-    router = TaskRouter.fit([split[(t, "train")] for t in TASKS], TASKS)
+    with Stopwatch() as fit_router:
+        router = TaskRouter.fit([split[(t, "train")] for t in TASKS], TASKS)
+    library = sum(n_numbers(f) for f in loras)
     test = {i: split[(t, "test")] for i, t in enumerate(TASKS)}
     out: dict[str, float] = {}
+
+    def cost(name: str, stored: int, combine_s: float) -> None:
+        out[f"{name}|stored"], out[f"{name}|combine s"] = float(stored), combine_s
 
     def score(name: str, pick_for_task) -> None:
         accs = [accuracy(lambda b, i=i: pick_for_task(i, b), test[i]) for i in test]
@@ -124,21 +155,37 @@ def run_seed(data: PreparedBags, width: int, rank: int, epochs: int, lr: float, 
         out[f"{name}|avg"] = float(np.mean(accs))
 
     score("per-task + oracle", lambda i, b: per_task[i])
+    cost("per-task + oracle", library, 0.0)
     score("per-task + router", lambda i, b: per_task[router.route(b)])
+    cost("per-task + router", library + router.prototypes.numel(), fit_router.seconds)
     out["router accuracy"] = float(np.mean([router.route(b) == i for i in test for b in test[i]]))
-    summed = with_deltas(base, {n: sum(d[n] for d in deltas) for n in deltas[0]})
+    with Stopwatch() as watch:
+        summed = with_deltas(base, {n: sum(d[n] for d in deltas) for n in deltas[0]})
     score("sum (task arithmetic)", lambda i, b: summed)
-    lego = with_deltas(base, {n: B @ A for n, (B, A) in lego_merge(loras, k=rank, seed=seed).items()})
+    cost("sum (task arithmetic)", 0, watch.seconds)
+    with Stopwatch() as watch:
+        lego = with_deltas(base, {n: B @ A for n, (B, A) in lego_merge(loras, k=rank, seed=seed).items()})
     score(f"LoRA-LEGO k={rank}", lambda i, b: lego)
-    rmm = rmm_fit(loras, k=1, tasks=TASKS)
-    reverted = [with_deltas(base, {n: B @ A for n, (B, A) in rmm_revert(rmm, i).items()}) for i in range(len(TASKS))]
+    cost(f"LoRA-LEGO k={rank}", 0, watch.seconds)
+    with Stopwatch() as watch:
+        rmm = rmm_fit(loras, k=1, tasks=TASKS)
+        reverted = [
+            with_deltas(base, {n: B @ A for n, (B, A) in rmm_revert(rmm, i).items()}) for i in range(len(TASKS))
+        ]
     score("RMM K=1 + router", lambda i, b: reverted[router.route(b)])
+    rmm_numbers = sum(b.numel() + a.numel() for b, a in rmm.basis.values())
+    rmm_numbers += sum(cb.numel() + ca.numel() for cb, ca in rmm.coefficients.values())
+    cost("RMM K=1 + router", rmm_numbers + router.prototypes.numel(), watch.seconds + fit_router.seconds)
     ortho = [ortho_task(base, split[(t, "train")], rank, i, epochs, lr, seed + i) for i, t in enumerate(TASKS)]
-    ortho_sum = with_deltas(base, {n: sum(d[n] for d in ortho) for n in ortho[0]})
+    with Stopwatch() as watch:
+        ortho_sum = with_deltas(base, {n: sum(d[n] for d in ortho) for n in ortho[0]})
     score("orthoadapt sum", lambda i, b: ortho_sum)
-    joint_f = lora_task(base, [b for t in TASKS for b in split[(t, "train")]], rank, epochs, lr, seed)
-    joint = with_deltas(base, {n: B @ A for n, (B, A) in joint_f.items()})
+    cost("orthoadapt sum", 0, watch.seconds)
+    with Stopwatch() as watch:
+        joint_f = lora_task(base, [b for t in TASKS for b in split[(t, "train")]], rank, epochs, lr, seed)
+        joint = with_deltas(base, {n: B @ A for n, (B, A) in joint_f.items()})
     score("joint LoRA", lambda i, b: joint)
+    cost("joint LoRA", 0, watch.seconds)  # not a combination: a training run on every task's bags
     out["time s"] = time.perf_counter() - t0
     return out
 
@@ -163,13 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seeds {args.seeds}; GDAT width {args.width}, rank {args.rank}, {args.epochs} epochs per task, "
           f"lr {args.lr}; router accuracy {np.mean([r['router accuracy'] for r in rows]):.3f}; "
           f"{np.mean([r['time s'] for r in rows]):.0f} s per seed")  # fmt: skip
-    print(f"\n| method | {' | '.join(f'{t} acc' for t in TASKS)} | avg acc ({len(CLASSES)}-way) |")
-    print("|---|" + "---:|" * (len(TASKS) + 1))
+    print(f"\n| method | {' | '.join(f'{t} acc' for t in TASKS)} | avg acc ({len(CLASSES)}-way) "
+          "| numbers kept beside the base | combine s | inference |")  # fmt: skip
+    print("|---|" + "---:|" * (len(TASKS) + 3) + "---|")
     for m in methods:
         cells = []
         for col in (*TASKS, "avg"):
             v = [r[f"{m}|{col}"] for r in rows]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}")
+        cells.append(f"{int(np.mean([r[f'{m}|stored'] for r in rows])):,}")
+        cells.append(f"{np.mean([r[f'{m}|combine s'] for r in rows]):.3f}")
+        cells.append("one adapter picked per bag" if "router" in m or "oracle" in m else "one merged model")
         print(f"| {m} | " + " | ".join(cells) + " |")
     return 0
 
