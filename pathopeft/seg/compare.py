@@ -269,7 +269,7 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
             "trainable_pct": 100 * best["trainable"] / best["total"], "peak_mib": best["peak_mib"],
             "s_per_step": statistics.mean(r["s_per_step"] for r in runs), "n_seeds": len(runs),
             "test_dice_per_seed": {r["seed"]: round(r["test_dice"], 4) for r in runs},
-            **({"variants": best["variants"]} if best.get("variants") else {}),
+            **({"variants": variants_over_seeds(runs)} if best.get("variants") else {}),
             **({"layer_ranks": [r["layer_ranks"] for r in runs],
                 "final_rank_params": statistics.mean(r["final_rank_params"] for r in runs)}
                if all("layer_ranks" in r for r in runs) else {}),
@@ -280,6 +280,18 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     if any(r.get("layer_ranks") for r in rows):
         plot_layer_ranks(rows, out / "layer_ranks.png")
     return rows
+
+
+def variants_over_seeds(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each variant's val and test Dice averaged over the seeds that scored it (DyLoRA's rank sweep is only worth
+    reading over seeds, like the method's own row), with the test Dice's sample std and the seed count."""
+    out = {}
+    for label in runs[0]["variants"]:
+        scored = [r["variants"][label] for r in runs if label in r.get("variants", {})]
+        tests = [v["test_dice"] for v in scored]
+        out[label] = {"val_dice": statistics.mean(v["val_dice"] for v in scored), "test_dice": statistics.mean(tests),
+                      "test_dice_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "n_seeds": len(tests)}  # fmt: skip
+    return out
 
 
 def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> None:
@@ -310,11 +322,14 @@ def write_report(cfg: CompareConfig, rows: list[dict[str, Any]], out: Path) -> N
             f"{per_seed} | {r['iou_mean']:.4f} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
             f"{r['peak_mib']:.0f} | {r['s_per_step']:.2f} | {r['s_per_step'] * cfg.max_steps / 60:.1f} |"
         )
-    for r in rows:  # one trained model scored several ways (DyLoRA's ranks): the best LR's seed-0 run
+    for r in rows:  # one trained model scored several ways (DyLoRA's ranks), at the best LR, mean over seeds
         if r.get("variants"):
-            lines += ["", f"{r['method']} at LR {r['best_lr']:g}, seed {cfg.seeds[0]}, evaluated per variant:", "",
-                      "| variant | val Dice | test Dice |", "|---|---:|---:|"]  # fmt: skip
-            lines += [f"| {k} | {v['val_dice']:.4f} | {v['test_dice']:.4f} |" for k, v in r["variants"].items()]
+            n = max(v["n_seeds"] for v in r["variants"].values())
+            lines += ["", (f"{r['method']} at LR {r['best_lr']:g}, each trained model evaluated per variant "
+                      f"(mean over {n} seed{'s' if n > 1 else ''}):"), "",
+                      "| variant | val Dice | test Dice (mean ± std) |", "|---|---:|---:|"]  # fmt: skip
+            lines += [f"| {k} | {v['val_dice']:.4f} | {v['test_dice']:.4f} ± {v['test_dice_std']:.4f} |"
+                      for k, v in r["variants"].items()]  # fmt: skip
     ranked = [r for r in rows if r.get("layer_ranks")]
     if ranked:  # rank-allocating methods: what they ended with (per layer: layer_ranks.png)
         lines += ["", ("Ranks the rank-allocating methods ended with (best LR, mean over seeds; per layer: "

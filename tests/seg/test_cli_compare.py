@@ -428,3 +428,14 @@ def test_an_adapter_entry_with_its_own_optimizer_trains_with_it_in_seg_module(tm
     assert len(trained) == sum(1 for p in model.parameters() if p.requires_grad)  # decoder + LoRA, nothing lost
     plain = SegModule(build_model(cfg, "lora", 0), lr=1e-3).configure_optimizers()
     assert type(plain["optimizer"] if isinstance(plain, dict) else plain) is torch.optim.AdamW
+
+
+def test_variant_scores_are_averaged_over_the_seeds_that_scored_them():
+    from pathopeft.seg.compare import variants_over_seeds
+
+    runs = [{"variants": {"rank 1": {"val_dice": 0.5, "test_dice": 0.6}, "rank 2": {"val_dice": 0.7, "test_dice": 0.8}}},
+            {"variants": {"rank 1": {"val_dice": 0.7, "test_dice": 0.8}, "rank 2": {"val_dice": 0.7, "test_dice": 0.8}}},
+            {"variants": {"rank 1": {"val_dice": 0.6, "test_dice": 0.7}}}]  # fmt: skip
+    out = variants_over_seeds(runs)
+    assert out["rank 1"] == pytest.approx({"val_dice": 0.6, "test_dice": 0.7, "test_dice_std": 0.1, "n_seeds": 3})
+    assert out["rank 2"] == pytest.approx({"val_dice": 0.7, "test_dice": 0.8, "test_dice_std": 0.0, "n_seeds": 2})
