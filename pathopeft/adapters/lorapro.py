@@ -120,9 +120,17 @@ class LoraProAdamW(torch.optim.Optimizer):
             return
         A, B = a.detach().reshape(a.shape[0], -1).float(), b.detach().reshape(b.shape[0], -1).float()
         gA_raw, gB_raw = a.grad.reshape(A.shape).float(), b.grad.reshape(B.shape).float()
-        eq = equivalent_gradient(A, B, *project(A, B, gA_raw, gB_raw, s), s)  # the full-weight gradient estimate
-        direction = adam_direction(self.state[a], eq, group["betas"], group["eps"])  # on the m×n equivalent gradient
-        gA, gB = project(A, B, s * B.T @ direction, s * direction @ A.T, s)
+        try:
+            eq = equivalent_gradient(A, B, *project(A, B, gA_raw, gB_raw, s), s)  # the full-weight gradient estimate
+            direction = adam_direction(self.state[a], eq, group["betas"], group["eps"])  # on the m×n gradient
+            gA, gB = project(A, B, s * B.T @ direction, s * direction @ A.T, s)
+        except torch.linalg.LinAlgError as err:  # pinv's SVD meets NaN/inf once training has diverged
+            if torch.isfinite(A).all() and torch.isfinite(B).all() and torch.isfinite(a.grad).all():
+                raise
+            raise FloatingPointError(
+                f"LoRA-Pro: non-finite LoRA weights or gradients ({tuple(b.shape[:2])} × {tuple(a.shape[:2])} layer) "
+                "— training diverged; lower the learning rate"
+            ) from err
         for p, g in ((a, gA), (b, gB)):
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(g.reshape(p.shape).to(p.dtype), alpha=-group["lr"])

@@ -294,6 +294,19 @@ def test_lorapro_optimizer_trains_a_peft_lora_and_its_entry_names_it():
     assert opt.state[pairs[0][0]]["exp_avg"].shape == (16, 24)  # Adam moments of the full m×n equivalent gradient
 
 
+def test_lorapro_names_divergence_instead_of_failing_inside_an_svd():
+    from pathopeft.adapters.lorapro import lora_pairs, lora_pro_optimizer
+
+    torch.manual_seed(0)
+    model = adapters.create("lorapro", _mlp(), rank=4, targets=["0", "2"])
+    opt = lora_pro_optimizer(model, lr=1e-2)
+    nn.functional.mse_loss(model(torch.randn(8, 24)), torch.randn(8, 10)).backward()
+    with torch.no_grad():
+        lora_pairs(model)[0][1].fill_(float("nan"))  # B of the first layer blown up, as after a diverged step
+    with pytest.raises(FloatingPointError, match="diverged; lower the learning rate"):
+        opt.step()
+
+
 # --- IncreLoRA ----------------------------------------------------------------------------------------------
 def test_increlora_growth_leaves_the_output_unchanged_and_the_importance_is_the_codes_sensitivity():
     model = adapters.create("increlora", _mlp(), rank=4, targets=["0", "2"], init_rank=2)
