@@ -112,9 +112,9 @@ def ortho_task(base, bags, rank: int, task: int, epochs: int, lr: float, seed: i
             for n, m in model.base_model.named_modules() if isinstance(m, AdaptedLayer)}  # fmt: skip
 
 
-def n_numbers(factors) -> int:
-    """How many numbers a ``{layer: (B, A)}`` LoRA stores."""
-    return sum(B.numel() + A.numel() for B, A in factors.values())
+def n_numbers(pairs) -> int:
+    """How many numbers a ``{layer: (B, A)}`` LoRA (or any ``{layer: (tensor, tensor)}``) stores."""
+    return sum(x.numel() + y.numel() for x, y in pairs.values())
 
 
 class Stopwatch:
@@ -173,8 +173,7 @@ def run_seed(data: PreparedBags, width: int, rank: int, epochs: int, lr: float, 
             with_deltas(base, {n: B @ A for n, (B, A) in rmm_revert(rmm, i).items()}) for i in range(len(TASKS))
         ]
     score("RMM K=1 + router", lambda i, b: reverted[router.route(b)])
-    rmm_numbers = sum(b.numel() + a.numel() for b, a in rmm.basis.values())
-    rmm_numbers += sum(cb.numel() + ca.numel() for cb, ca in rmm.coefficients.values())
+    rmm_numbers = n_numbers(rmm.basis) + n_numbers(rmm.coefficients)
     cost("RMM K=1 + router", rmm_numbers + router.prototypes.numel(), watch.seconds + fit_router.seconds)
     ortho = [ortho_task(base, split[(t, "train")], rank, i, epochs, lr, seed + i) for i, t in enumerate(TASKS)]
     with Stopwatch() as watch:

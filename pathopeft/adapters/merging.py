@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pathopeft.adapters.core import active_deltas
+
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -70,6 +72,20 @@ def lora_from_factors(base: nn.Module, factors: Factors, adapter_name: str = "de
         a.copy_(A.reshape(a.shape))
         b.copy_(B.reshape(b.shape))
     return model
+
+
+@torch.no_grad()
+def prune_gated_to_lora(adapter_model: nn.Module, delta_cls: type) -> nn.Module:
+    """A plain PEFT LoRA from a rank-gated adapter (SoRA's, the Bayesian-Bits gates): per layer, the ranks whose
+    gate ``d.rank_gates()`` is non-zero, with gate and scale folded into B, so the outputs are the gated adapter's
+    (in eval). Layers with no live rank get no adapter. ``adapter_model`` is unloaded (its base model is reused)."""
+
+    kept = {}
+    for name, d in active_deltas(adapter_model.base_model, delta_cls).items():
+        gates = d.rank_gates()
+        keep = gates != 0
+        kept[name] = ((d.scale * d.B[:, keep] * gates[keep]).clone(), d.A[keep].clone())
+    return lora_from_factors(adapter_model.unload(), kept)
 
 
 def _units(B: torch.Tensor, A: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

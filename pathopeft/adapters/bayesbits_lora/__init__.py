@@ -105,14 +105,17 @@ class BayesBitsLoraDelta(Delta):
             z = (open_probability(self.log_alpha) >= self.config.threshold).to(self.log_alpha.dtype)
         return torch.cumprod(z, 0)[self.group_of_rank]
 
+    def gated_delta(self, sample: bool = False) -> torch.Tensor:
+        return self.scale * ((self.B * self.rank_gates(sample)) @ self.A)
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """The deterministic ΔW: what eval, merging and export use, whatever the module's mode."""
-        return self.scale * ((self.B * self.rank_gates()) @ self.A)
+        return self.gated_delta()
 
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if not self.training:
             return super().forward(x, base)
-        dw = self.scale * ((self.B * self.rank_gates(sample=True)) @ self.A)  # a fresh gate sample per step
+        dw = self.gated_delta(sample=True)  # a fresh gate sample per step
         return base_forward_with_weight(base, x, base.weight + dw.to(base.weight.dtype).view_as(base.weight))
 
     def expected_live_parameters(self) -> torch.Tensor:
@@ -124,8 +127,7 @@ class BayesBitsLoraDelta(Delta):
     def live_ranks(self) -> int:
         """The rank this layer has in eval: the ranks of its open groups (0, 1, 2, 4 … r)."""
         with torch.no_grad():
-            p = torch.cumprod((open_probability(self.log_alpha) >= self.config.threshold).float(), 0)
-            return int(p[self.group_of_rank].sum())
+            return int(self.rank_gates().sum())
 
     @staticmethod
     def expected_trainable(out_features: int, in_features: int, config: AdapterConfig) -> int:
@@ -151,18 +153,13 @@ def prior_loss(model: nn.Module) -> torch.Tensor | None:
     return deltas[0].config.prior * sum(d.expected_live_parameters() for d in deltas) / total
 
 
-@torch.no_grad()
 def prune_to_lora(adapter_model: nn.Module) -> nn.Module:
     """A plain PEFT LoRA keeping each layer's open ranks (eval gates, scale folded into B): the gated adapter's
     eval output with its closed ranks gone. Layers with every gate closed get no adapter.
     ``adapter_model`` is unloaded (its base model is reused)."""
-    from pathopeft.adapters.merging import lora_from_factors
+    from pathopeft.adapters.merging import prune_gated_to_lora
 
-    kept = {}
-    for name, d in gated_deltas(adapter_model.base_model).items():
-        keep = d.rank_gates() != 0
-        kept[name] = ((d.scale * d.B[:, keep]).clone(), d.A[keep].clone())
-    return lora_from_factors(adapter_model.unload(), kept)
+    return prune_gated_to_lora(adapter_model, BayesBitsLoraDelta)
 
 
 register("bayesbits_lora", BayesBitsLoraConfig, BayesBitsLoraDelta, conv=True, identity_at_init=True,

@@ -65,6 +65,10 @@ class GatedLoraDelta(Delta):
         else:
             self.scale = 1.0
 
+    def rank_gates(self) -> torch.Tensor:
+        """The gate of each rank (what pruning keeps where non-zero)."""
+        return self.gate
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return self.scale * ((self.B * self.gate) @ self.A)
 
@@ -126,18 +130,13 @@ def sora_loss(model: nn.Module) -> torch.Tensor | None:
     return deltas[0].config.l1 * total / sum(d.gate.numel() for d in deltas)
 
 
-@torch.no_grad()
 def prune_to_lora(adapter_model: nn.Module) -> nn.Module:
     """A plain PEFT LoRA with each layer's zero-gate ranks removed and g folded into B (per-layer ranks, the scale
     folded in): the same outputs as the gated adapter. Layers with no live rank get no adapter.
     ``adapter_model`` is unloaded (its base model is reused)."""
-    from pathopeft.adapters.merging import lora_from_factors
+    from pathopeft.adapters.merging import prune_gated_to_lora
 
-    kept = {}
-    for name, d in gated_deltas(adapter_model.base_model).items():
-        keep = d.gate != 0
-        kept[name] = ((d.scale * d.B[:, keep] * d.gate[keep]).clone(), d.A[keep].clone())
-    return lora_from_factors(adapter_model.unload(), kept)
+    return prune_gated_to_lora(adapter_model, GatedLoraDelta)
 
 
 register("sora", SoraConfig, GatedLoraDelta, conv=True, identity_at_init=True, callback=GateThreshold,
