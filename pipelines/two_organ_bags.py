@@ -7,6 +7,7 @@ summary because a MIL result means little without the trivial baseline. Examples
 
     python pipelines/two_organ_bags.py --out runs/two_organ_bags                    # DenseNet-121, 4×4 bags
     python pipelines/two_organ_bags.py --out runs/two_organ_colour --features colour
+    python pipelines/two_organ_bags.py --out runs/three_task_bags --with-lung-aca    # + lung adenocarcinoma
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"bags per (task, class) in each split (default {' '.join(map(str, DEFAULT_SPEC.bags_per_class))})",  # type: ignore[arg-type]
     )
     p.add_argument("--hard", action="store_true", help="witness rate 1–5%% instead of 5–30%%")
+    p.add_argument(
+        "--with-lung-aca", action="store_true", help="add the third task: lung adenocarcinoma vs benign lung"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="device for timm features (default cpu)")
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         batch_size=args.batch_size,
         device=args.device,
+        with_lung_aca=args.with_lung_aca,
     )
     print_build_report(manifest, spec, args.features, time.perf_counter() - t0, baseline=not args.no_baseline)
     return 0

@@ -39,6 +39,9 @@ LABEL_SPACE = {c: i for i, c in enumerate(CLASSES)}
 TASKS = (TaskPools("lung", "lung_normal", "lung_scc"), TaskPools("oral", "oral_normal", "oral_scc"))
 #: LC25000 manifest class → stream label (lung_aca is left out on purpose).
 LUNG_LABELS = {"benign": "lung_normal", "scc": "lung_scc"}
+#: The opt-in third task (``with_lung_aca``): lung adenocarcinoma against the same benign lung pool, label 4.
+#: Why: a cancer type absent from the two-organ library, for adapters generated from a task description.
+LUNG_ACA = TaskPools("lung_aca", "lung_normal", "lung_aca")
 DENSENET = "timm:densenet121"
 #: The capricorn DenseNet-121 was trained on inputs scaled to [0, 1] only (no ImageNet mean/std).
 DENSENET_KWARGS: dict[str, Any] = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
@@ -56,13 +59,17 @@ def default_weights(patch_root: str | os.PathLike[str]) -> Path:
     return Path(patch_root).resolve().parent / DENSENET_WEIGHTS
 
 
-def load_stream_tiles(patch_root: str | os.PathLike[str], check_files: bool = True) -> list[TileRecord]:
-    """Every tile of the stream (lung_n, lung_scc, oral), labelled with :data:`CLASSES`, ``rel`` from ``patch_root``."""
+def load_stream_tiles(
+    patch_root: str | os.PathLike[str], check_files: bool = True, with_lung_aca: bool = False
+) -> list[TileRecord]:
+    """Every tile of the stream (lung_n, lung_scc, oral; lung_aca too if asked), labelled with :data:`CLASSES`
+    (+ ``lung_aca``), ``rel`` from ``patch_root``."""
     root = Path(patch_root)
+    labels = {**LUNG_LABELS, "aca": "lung_aca"} if with_lung_aca else LUNG_LABELS
     lung = [
-        dataclasses.replace(t, label=LUNG_LABELS[t.label], rel=f"{LUNG_DIR}/{t.rel}")
+        dataclasses.replace(t, label=labels[t.label], rel=f"{LUNG_DIR}/{t.rel}")
         for t in load_tile_table(root / LUNG_DIR, check_files=check_files)
-        if t.label in LUNG_LABELS
+        if t.label in labels
     ]
     return lung + load_oral_tiles(root / ORAL_DIR, rel_prefix=f"{ORAL_DIR}/", check_files=check_files)
 
@@ -71,10 +78,11 @@ def stream_splits(
     patch_root: str | os.PathLike[str],
     fractions: tuple[float, float, float] = DEFAULT_SPEC.fractions,
     seed: int = 0,
+    with_lung_aca: bool = False,
 ) -> dict[str, list[TileRecord]]:
     """Train/val/test of the stream: whole groups (lung ``group_id``, oral ``seq_block10`` units) per split,
     stratified per class, seeded (:func:`~pathopeft.datasets.lc25000.split_groups`)."""
-    return split_groups(load_stream_tiles(patch_root), fractions, seed)
+    return split_groups(load_stream_tiles(patch_root, with_lung_aca=with_lung_aca), fractions, seed)
 
 
 def build_two_organ_bags(
@@ -89,8 +97,12 @@ def build_two_organ_bags(
     batch_size: int = 64,
     device: str = "cpu",
     encode_all: bool = True,
+    with_lung_aca: bool = False,
 ) -> Path:
     """Build the two-organ bag set under ``out_dir`` and return its ``bags.csv``.
+
+    ``with_lung_aca`` adds the third task :data:`LUNG_ACA` (class ``lung_aca``, label 4); the first two tasks'
+    labels are unchanged.
 
     ``encode_all`` (default) encodes every tile of the splits once, so other bag counts reuse the cache;
     False encodes only the tiles drawn into bags (small test builds).
@@ -115,9 +127,9 @@ def build_two_organ_bags(
         model_kwargs=model_kwargs,
         batch_size=batch_size,
         device=device,
-        splits=stream_splits(patch_root, spec.fractions, seed),
-        tasks=TASKS,
-        label_space=LABEL_SPACE,
+        splits=stream_splits(patch_root, spec.fractions, seed, with_lung_aca),
+        tasks=(*TASKS, LUNG_ACA) if with_lung_aca else TASKS,
+        label_space={**LABEL_SPACE, "lung_aca": len(CLASSES)} if with_lung_aca else LABEL_SPACE,
         source=SOURCE,
         encode_all=encode_all,
     )

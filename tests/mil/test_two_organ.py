@@ -128,6 +128,21 @@ def test_small_build_is_accepted_by_the_continual_runner(small_build, tmp_path):
         assert inst.any() == r.label.endswith("_scc")
 
 
+def test_the_opt_in_lung_aca_task_adds_a_fifth_label_and_leaves_the_others(patch_root, tmp_path):
+    spec = BagSpec(grid=4, bags_per_class=(2, 1, 2))
+    manifest = two_organ.build_two_organ_bags(patch_root, tmp_path, spec, "colour", seed=0, encode_all=False,
+                                              with_lung_aca=True)  # fmt: skip
+    meta = json.loads((manifest.parent / "bags.json").read_text())
+    assert meta["label_space"] == {**two_organ.LABEL_SPACE, "lung_aca": 4}
+    assert meta["task_pools"]["lung_aca"] == {"normal": "lung_normal", "tumour": "lung_aca"}
+    with manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["task"] for r in rows} == {"lung", "oral", "lung_aca"}
+    assert {r["label"] for r in rows if r["task"] == "lung_aca"} == {"lung_normal", "lung_aca"}
+    tiles = two_organ.load_stream_tiles(patch_root, with_lung_aca=True)
+    assert sum(t.label == "lung_aca" for t in tiles) == 972
+
+
 def test_colour_baseline_reads_the_stream_label_space(small_build):
     base = colour_centroid_baseline(small_build)
     assert {"lung/bag_acc", "oral/bag_acc", "4class/bag_acc"} <= set(base)
