@@ -32,6 +32,7 @@ MIL = sorted((CONFIGS / "mil").glob("*.yaml"))
 FED = sorted((CONFIGS / "fed").glob("*.yaml"))
 UNLEARN = sorted((CONFIGS / "unlearn").glob("*.yaml"))
 PIPELINES = sorted((CONFIGS / "pipelines").glob("*.yaml"))  # configs/pipelines/<name>.yaml: pipelines/<name>.py
+ADAPTER_LIBRARIES = sorted((CONFIGS / "adapters").glob("*.yaml"))  # adapters generator-fit
 
 
 def _name(path: Path) -> str:
@@ -57,10 +58,22 @@ def _check_input(path: str | None) -> None:
 
 def test_every_shipped_config_is_checked() -> None:
     every = set(CONFIGS.rglob("*.yaml")) | set(CONFIGS.rglob("*.yml"))
-    assert every == {*WSI, *SEG_COMPARE, *SEG_FIT, *MIL, *FED, *UNLEARN, *PIPELINES}, (
+    assert every == {*WSI, *SEG_COMPARE, *SEG_FIT, *MIL, *FED, *UNLEARN, *PIPELINES, *ADAPTER_LIBRARIES}, (
         "a config in configs/ that no test parses"
     )
-    assert all((WSI, SEG_COMPARE, SEG_FIT, MIL, FED, UNLEARN))
+    assert all((WSI, SEG_COMPARE, SEG_FIT, MIL, FED, UNLEARN, ADAPTER_LIBRARIES))
+
+
+@pytest.mark.parametrize("path", ADAPTER_LIBRARIES, ids=_name)
+def test_adapter_library_is_a_generator_library(path: Path) -> None:
+    from pathopeft.adapters.lora_generation import library_spec
+
+    experts = library_spec(path)
+    assert len({name for name, _, _ in experts}) == len(experts) >= 2
+    assert all(pats and not Path(p).is_absolute() for _, _, pats in experts for p in pats)
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "relative to this file" in header
+    assert "working directory" in header
 
 
 @pytest.mark.parametrize("path", [*WSI, *SEG_COMPARE, *SEG_FIT], ids=_name)

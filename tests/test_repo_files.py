@@ -129,6 +129,7 @@ def test_readme_names_every_registered_plugin():
     from pathopeft.mil.models import MIL_MODELS
     from pathopeft.mil.strategies import STRATEGIES
     from pathopeft.seg.model import SEG_DECODERS
+    from pathopeft.text_encoders import TEXT_ENCODERS
 
     readme = (ROOT / "README.md").read_text().lower()
     missing = {
@@ -138,6 +139,7 @@ def test_readme_names_every_registered_plugin():
             "MIL model": list(MIL_MODELS),
             "strategy": list(STRATEGIES),
             "seg decoder": list(SEG_DECODERS),
+            "text encoder": list(TEXT_ENCODERS),
         }.items()
     }
     assert not any(missing.values()), f"README.md does not mention: {missing}"

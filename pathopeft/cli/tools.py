@@ -1,4 +1,4 @@
-"""``pathopeft adapters list|count|info|merge|revert``, ``pathopeft data sample`` and ``pathopeft doctor``."""
+"""``pathopeft adapters list|count|info|merge|revert|generator-fit|generate``, ``pathopeft data sample`` and ``pathopeft doctor``."""
 
 from __future__ import annotations
 
@@ -130,6 +130,26 @@ def cmd_adapters_revert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_generator_fit(args: argparse.Namespace) -> int:
+    from pathopeft.adapters.lora_generation import GeneratorConfig, fit_library
+
+    config = GeneratorConfig(top_k=args.top_k, temperature=args.temperature, steps=args.steps, seed=args.seed)
+    out, gen = fit_library(args.library, args.out, config)
+    rec, kl = gen.history[-1]
+    print(f"LoRA generator for {len(gen.names)} experts ({', '.join(gen.names)}) in {out}: final reconstruction "
+          f"{rec:.4f}, KL {kl:.2f}; `pathopeft adapters generate {out} --description TEXT --out DIR`")  # fmt: skip
+    return 0
+
+
+def cmd_adapters_generate(args: argparse.Namespace) -> int:
+    from pathopeft.adapters.lora_generation import generate_dir
+
+    dirs, weights = generate_dir(args.generator_dir, args.description, args.out, args.samples, args.seed)
+    guide = ", ".join(f"{n} {w:.2f}" for n, w in sorted(weights.items(), key=lambda x: -x[1]) if w > 0)
+    print(f"{len(dirs)} LoRA folder(s) generated in {args.out} (expert weights: {guide})")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register this group's sub-commands on the top-level sub-parsers."""
     data = sub.add_parser("data", help="sample data").add_subparsers(dest="cmd", required=True)
@@ -168,6 +188,21 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--task", required=True, help="the task's name (its adapter folder's name) or index")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_adapters_revert)
+    p = ad.add_parser("generator-fit", help="fit a text-guided LoRA generator on a library of described LoRAs")
+    p.add_argument("library", type=Path, help="YAML: experts: [{name, description, adapters: [folder or glob]}]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--top-k", type=int, default=4, help="experts that guide a description (default 4)")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature over cosines (default 0.1)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapters_generator_fit)
+    p = ad.add_parser("generate", help="a PEFT LoRA for a task described in words, from a fitted generator")
+    p.add_argument("generator_dir", type=Path)
+    p.add_argument("--description", required=True, help='e.g. "lung adenocarcinoma versus benign lung tissue"')
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--samples", type=int, default=0, help="N sampled LoRAs (default 0: the one at z = 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapters_generate)
 
     p = sub.add_parser("doctor", help="report versions and hardware")
     p.set_defaults(func=cmd_doctor)
