@@ -32,7 +32,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"cuda available: {torch.cuda.is_available()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "")
     )
-    for mod in ("timm", "lightning", "monai", "peft", "h5py", "skimage", "albumentations", "tifffile"):
+    for mod in ("timm", "lightning", "monai", "peft", "h5py", "skimage", "albumentations", "tifffile", "wordllama"):
         try:
             m = __import__(mod)
             lines.append(f"{mod} {getattr(m, '__version__', '?')}")
