@@ -31,6 +31,7 @@ CVAE average incomparable coordinates).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Sequence
@@ -305,7 +306,8 @@ def read_library(path: str | os.PathLike[str]) -> tuple[list[Expert], dict]:
     path = Path(path)
     experts, dirs = [], []
     for name, text, pats in library_spec(path):
-        found = sorted({q for pat in pats for q in path.parent.glob(pat)})
+        # glob.glob, not Path.glob: a pattern may be absolute (joined to an absolute path, it replaces it)
+        found = sorted({Path(q) for pat in pats for q in glob.glob(os.path.join(path.parent, pat))})
         if not found:
             raise AdapterLoadError(f"{path}: expert {name!r}: no adapter folder matches {pats}")
         experts.append(Expert(name, text, []))

@@ -189,8 +189,9 @@ def test_generator_fit_and_generate_commands_write_a_peft_lora(tmp_path, capsys)
                         p.copy_(torch.randn(p.shape, generator=g) + 0.01 * torch.randn(p.shape))
             adapters.save(model, tmp_path / f"task{t}" / f"ckpt{c}")
     lib = tmp_path / "library.yaml"
+    pattern = ["task0/ckpt*", str(tmp_path / "task1" / "ckpt*")]  # relative to the file, and absolute
     lib.write_text("experts:\n" + "".join(f"  - name: task{t}\n    description: {DESCRIPTIONS[t]}\n"
-                                          f"    adapters: [task{t}/ckpt*]\n" for t in range(2)))  # fmt: skip
+                                          f"    adapters: ['{pattern[t]}']\n" for t in range(2)))  # fmt: skip
     assert main(["adapters", "generator-fit", str(lib), "--out", str(tmp_path / "gen"), "--steps", "800"]) == 0
     assert "LoRA generator for 2 experts (task0, task1)" in capsys.readouterr().out
     out = tmp_path / "generated"
