@@ -32,7 +32,6 @@ CVAE average incomparable coordinates).
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from torch import nn
 from pathopeft.adapters.merging import Factors
 from pathopeft.text_encoders import TextEncoder, text_encoder
 
-_FILE, _META = "generator.safetensors", "generator.json"
+_FILE, _META, _METHOD = "generator.safetensors", "generator.json", "text-guided-lora-generation"
 
 
 @dataclass(frozen=True)
@@ -234,31 +233,22 @@ class LoRAGenerator:
     # --- folders: ``pathopeft adapters generator-fit`` and ``pathopeft adapters generate`` -------------------
     def save(self, out: str | os.PathLike[str], extra: dict | None = None) -> Path:
         """Write ``generator.safetensors`` + ``generator.json`` (``extra``: PEFT config, tensor layouts, base)."""
-        from safetensors.torch import save as safetensors_bytes
-
-        from pathopeft.io import atomic_write_bytes, atomic_write_text
+        from pathopeft.adapters.serialization import write_tensor_folder
 
         tensors = {f"cvae.{k}": v.contiguous() for k, v in self.cvae.state_dict().items()}
         tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous(), embeddings=self.embeddings.contiguous())
-        meta = {"method": "text-guided-lora-generation", "config": asdict(self.config), "encoder": self.encoder,
+        meta = {"method": _METHOD, "config": asdict(self.config), "encoder": self.encoder,
                 "experts": self.names, "descriptions": self.descriptions,
                 "layout": {n: [list(b), list(a)] for n, (b, a) in self.layout.shapes.items()}, **(extra or {})}  # fmt: skip
-        o = Path(out)
-        o.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(o / _FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
-        atomic_write_text(o / _META, json.dumps(meta, indent=2) + "\n")
-        return o
+        return write_tensor_folder(out, _FILE, tensors, _META, meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> tuple[LoRAGenerator, dict]:
         """A saved generator and its metadata; anything else is an AdapterLoadError naming the file."""
-        from pathopeft.adapters.serialization import AdapterLoadError, read_json, read_safetensors
+        from pathopeft.adapters.serialization import AdapterLoadError, read_method_folder
 
         d = Path(directory)
-        meta = read_json(d / _META)
-        if meta.get("method") != "text-guided-lora-generation":
-            raise AdapterLoadError(f"{d / _META}: not a LoRA generator (method {meta.get('method')!r})")
-        t = read_safetensors(d / _FILE)
+        meta, t = read_method_folder(d, _FILE, _META, _METHOD, "a LoRA generator")
         try:
             config = GeneratorConfig(**meta["config"])
             layout = LoRALayout({n: (b, a) for n, (b, a) in meta["layout"].items()})

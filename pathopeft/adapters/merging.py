@@ -225,9 +225,8 @@ def write_peft_lora(
     """Write ``factors`` (scale folded into B) as a PEFT LoRA folder at ``out`` with the tensor layouts of
     ``shapes`` (as :func:`read_peft_lora` returns them), per-layer ranks at scale 1, and ``cfg``'s other keys;
     ``base`` is the base-model fingerprint to keep beside it."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from pathopeft.io import atomic_write_bytes, atomic_write_text
+    from pathopeft.adapters.serialization import write_tensor_folder
+    from pathopeft.io import atomic_write_text
 
     tensors, ranks = {}, {}
     for name, (B, A) in factors.items():
@@ -239,10 +238,7 @@ def write_peft_lora(
     cfg = dict(cfg)
     cfg.update(r=top, lora_alpha=top, use_rslora=False, rank_pattern={f"^{n}$": r for n, r in ranks.items()},
                alpha_pattern={f"^{n}$": r for n, r in ranks.items()}, target_modules=sorted(ranks))  # fmt: skip
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(o / "adapter_model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_text(o / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
+    o = write_tensor_folder(out, "adapter_model.safetensors", tensors, "adapter_config.json", cfg)
     if base is not None:
         atomic_write_text(o / "pathopeft_base.json", json.dumps(base, indent=2) + "\n")
     return o

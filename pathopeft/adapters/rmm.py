@@ -22,7 +22,6 @@ A reverted LoRA is an ordinary PEFT LoRA folder (``pathopeft adapters revert``).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,11 +104,8 @@ def rmm_merge_dirs(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     """Fit RMM on saved PEFT LoRA folders (one base model) and write the basis folder ``out`` (``rmm.safetensors``
     + ``rmm.json``: task names = the folders' names, layouts, PEFT config, base fingerprint, energy kept);
     returns the folder and that metadata."""
-    from safetensors.torch import save as safetensors_bytes
-
     from pathopeft.adapters.merging import read_compatible_loras
-    from pathopeft.adapters.serialization import AdapterLoadError
-    from pathopeft.io import atomic_write_bytes, atomic_write_text
+    from pathopeft.adapters.serialization import AdapterLoadError, write_tensor_folder
 
     loaded, bases = read_compatible_loras(dirs)
     names = [Path(d).name for d in dirs]
@@ -129,22 +125,15 @@ def rmm_merge_dirs(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLik
     meta = {"method": "rmm", "k": k, "tasks": rmm.tasks, "layers": list(rmm.basis),
             "shapes": {n: [list(s) for s in loaded[0][1][n]] for n in rmm.basis}, "peft_config": loaded[0][2],
             "base": bases[0], "energy_kept": 1.0 - discarded_energy(rmm) / total if total else 1.0}  # fmt: skip
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(o / _FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_text(o / _META, json.dumps(meta, indent=2) + "\n")
-    return o, meta
+    return write_tensor_folder(out, _FILE, tensors, _META, meta), meta
 
 
 def read_rmm(directory: str | os.PathLike[str]) -> tuple[RMMBasis, dict]:
     """The basis and the metadata of an RMM folder; anything else is an AdapterLoadError naming the file."""
-    from pathopeft.adapters.serialization import AdapterLoadError, read_json, read_safetensors
+    from pathopeft.adapters.serialization import AdapterLoadError, read_method_folder
 
     d = Path(directory)
-    meta = read_json(d / _META)
-    if meta.get("method") != "rmm":
-        raise AdapterLoadError(f"{d / _META}: not an RMM basis (method {meta.get('method')!r})")
-    t = read_safetensors(d / _FILE)
+    meta, t = read_method_folder(d, _FILE, _META, "rmm", "an RMM basis")
     try:
         parts = {
             n: [(t[f"{n}.basis_{x}"], t[f"{n}.coef_{x}"], t[f"{n}.eig_{x}"]) for x in "BA"] for n in meta["layers"]

@@ -125,6 +125,30 @@ def read_adapter_config(model_id: str | os.PathLike[str]) -> AdapterConfig:
         raise AdapterLoadError(f"{path}: {e.args[0] if e.args else e}") from e
 
 
+def write_tensor_folder(
+    out: str | os.PathLike[str], tensors_name: str, tensors: dict[str, torch.Tensor], meta_name: str, meta: dict
+) -> Path:
+    """A folder of one safetensors file and one JSON file, each written atomically (a merged LoRA, an RMM basis, a
+    LoRA generator); returns the folder."""
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(o / tensors_name, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_text(o / meta_name, json.dumps(meta, indent=2) + "\n")
+    return o
+
+
+def read_method_folder(
+    directory: str | os.PathLike[str], tensors_name: str, meta_name: str, method: str, what: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a :func:`write_tensor_folder` folder whose metadata's ``method`` is ``method``;
+    anything else is an :class:`AdapterLoadError` naming the file (``what``: "an RMM basis", …)."""
+    d = Path(directory)
+    meta = read_json(d / meta_name)
+    if meta.get("method") != method:
+        raise AdapterLoadError(f"{d / meta_name}: not {what} (method {meta.get('method')!r})")
+    return meta, read_safetensors(d / tensors_name)
+
+
 # --- AdapterModel's save_pretrained / from_pretrained / load_adapter --------------------------------------
 def save_adapters(
     model: AdapterModel, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None
