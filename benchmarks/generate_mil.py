@@ -35,26 +35,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from merge_mil import with_deltas
+from merge_mil import accuracy, base_net, train, with_deltas
 
 from pathopeft.adapters.lora_generation import Expert, GeneratorConfig, LoRAGenerator
 from pathopeft.adapters.merging import peft_lora_factors
 from pathopeft.mil.data import PreparedBags, read_bag_manifest, validate_bags
-from pathopeft.mil.models import bag_logits, create_mil_model
 from pathopeft.mil.strategies.adapter import adapted_layers
 
 DESCRIPTIONS = {
@@ -70,15 +67,6 @@ def binary(bags: list[dict]) -> list[dict]:
     return [{**b, "label": int(not CLASSES[int(b["label"])].endswith("normal"))} for b in bags]
 
 
-def base_net(in_dim: int, width: int, seed: int):
-    torch.manual_seed(seed)
-    kw = {"hidden_dim": width, "heads": max(1, width // 64), "attn_dim": width // 2, "dropout": 0.0}
-    net = create_mil_model("gdat", in_dim, 2, **kw)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
-
-
 def train_expert(
     base, bags, rank: int, epochs: int, snapshots: int, lr: float, init_seed: int, order_seed: int,
     save_to: Path | None = None,
@@ -90,25 +78,20 @@ def train_expert(
     torch.manual_seed(init_seed)  # one initialisation for the whole library
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=rank,
                                                                      target_modules=adapted_layers(base)))  # fmt: skip
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    rng = random.Random(order_seed)
     kept = []
-    model.train()
-    for epoch in range(epochs):
-        for i in rng.sample(range(len(bags)), len(bags)):
-            opt.zero_grad()
-            F.cross_entropy(bag_logits(model, bags[i])[None], torch.as_tensor([bags[i]["label"]])).backward()
-            opt.step()
+
+    def snapshot(epoch: int) -> None:
         if epoch >= epochs - snapshots:
             if save_to is not None:
                 model.save_pretrained(save_to / f"epoch{epoch}")
             kept.append({n: (B.clone(), A.clone()) for n, (B, A) in peft_lora_factors(model).items()})
+
+    train(model, bags, epochs, lr, order_seed, on_epoch=snapshot)
     return kept
 
 
-@torch.no_grad()
-def accuracy(net, bags) -> float:
-    return float(np.mean([int(bag_logits(net, b).argmax()) == int(b["label"]) for b in bags]))
+def net_accuracy(net, bags) -> float:
+    return accuracy(lambda _bag: net, bags)
 
 
 def mean_delta(checkpoints) -> dict[str, torch.Tensor]:
@@ -118,12 +101,14 @@ def mean_delta(checkpoints) -> dict[str, torch.Tensor]:
 def run_seed(data: PreparedBags, tasks: list[str], args: argparse.Namespace, seed: int) -> dict[str, float]:
     """``{"method|held-out task": accuracy, …}`` for one seed."""
     split = {(t, s): binary(data.loaded(data.bags(t, s))) for t in tasks for s in ("train", "test")}
-    base = base_net(data.in_dim, args.width, seed)
+    base = base_net(data.in_dim, args.width, seed, n_classes=2)
     save = args.save_library if seed == args.seeds[0] else None
     runs = {t: [train_expert(base, split[(t, "train")], args.rank, args.epochs, args.snapshots, args.lr,
                              init_seed=1000 + seed, order_seed=100 * seed + r,
                              save_to=save / t / f"run{r}" if save else None) for r in range(args.runs)]
             for t in tasks}  # fmt: skip
+    finals = {t: [with_deltas(base, mean_delta(run[-1:])) for run in runs[t]] for t in tasks}  # each run's last
+    own_accuracy = {t: float(np.mean([net_accuracy(n, split[(t, "test")]) for n in finals[t]])) for t in tasks}
     if save:
         (save / "library.yaml").write_text("experts:\n" + "".join(
             f"  - name: {t}\n    description: {DESCRIPTIONS[t]}\n    adapters: [{t}/run*/epoch*]\n" for t in tasks))  # fmt: skip
@@ -139,30 +124,27 @@ def run_seed(data: PreparedBags, tasks: list[str], args: argparse.Namespace, see
         deltas = {t: mean_delta(e.checkpoints) for t, e in zip(library, experts, strict=True)}
 
         def score(name: str, delta: dict[str, torch.Tensor] | None, held: str = held, test=test) -> None:
-            out[f"{name}|{held}"] = accuracy(base if delta is None else with_deltas(base, delta), test)
+            out[f"{name}|{held}"] = net_accuracy(base if delta is None else with_deltas(base, delta), test)
 
         score("base (no adapter)", None)
         nearest = max(weights, key=weights.get)
         out[f"nearest|{held}"] = float(library.index(nearest))
         out[f"weight of nearest|{held}"] = weights[nearest]
-        out[f"top-1 expert by description|{held}"] = float(
-            np.mean([accuracy(with_deltas(base, mean_delta(run[-1:])), test) for run in runs[nearest]]))  # fmt: skip
+        out[f"top-1 expert by description|{held}"] = float(np.mean([net_accuracy(n, test) for n in finals[nearest]]))
         layers = list(deltas[library[0]])
         score("uniform merge of experts", {n: sum(d[n] for d in deltas.values()) / len(deltas) for n in layers})
         score(
             "weighted merge (semantic weights)", {n: sum(weights[t] * deltas[t][n] for t in library) for n in layers}
         )
         score("generated, z = 0", mean_delta(gen.generate_from(cond)))
-        sampled = [accuracy(with_deltas(base, mean_delta([f])), test) for f in gen.generate_from(cond, 5, seed)]
+        sampled = [net_accuracy(with_deltas(base, mean_delta([f])), test) for f in gen.generate_from(cond, 5, seed)]
         out[f"generated, 5 samples (mean)|{held}"] = float(np.mean(sampled))
         # fidelity: the generator asked for a task it was fitted on, scored on that task, against the expert
-        own = [(t, split[(t, "test")]) for t in library]
         out[f"in-library: generated for the expert's own description|{held}"] = float(np.mean(
-            [accuracy(with_deltas(base, mean_delta(gen.generate(DESCRIPTIONS[t]))), b) for t, b in own]))  # fmt: skip
-        out[f"in-library: the expert itself|{held}"] = float(np.mean(
-            [accuracy(with_deltas(base, mean_delta(run[-1:])), b) for t, b in own for run in runs[t]]))  # fmt: skip
-        out[f"oracle (own data)|{held}"] = float(
-            np.mean([accuracy(with_deltas(base, mean_delta(run[-1:])), test) for run in runs[held]]))  # fmt: skip
+            [net_accuracy(with_deltas(base, mean_delta(gen.generate(DESCRIPTIONS[t]))), split[(t, "test")])
+             for t in library]))  # fmt: skip
+        out[f"in-library: the expert itself|{held}"] = float(np.mean([own_accuracy[t] for t in library]))
+        out[f"oracle (own data)|{held}"] = own_accuracy[held]
     return out
 
 

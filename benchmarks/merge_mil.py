@@ -32,6 +32,7 @@ import copy
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -55,22 +56,26 @@ CLASSES = ["lung_normal", "lung_scc", "oral_normal", "oral_scc"]
 TASKS = ["lung", "oral"]
 
 
-def train(net, bags, epochs: int, lr: float, seed: int) -> None:
+def train(net, bags, epochs: int, lr: float, seed: int, on_epoch: Callable[[int], None] | None = None) -> None:
+    """Adam, one bag per step, bags shuffled each epoch by ``seed``; ``on_epoch(e)`` after each epoch."""
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     rng = random.Random(seed)
     net.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for i in rng.sample(range(len(bags)), len(bags)):
             opt.zero_grad()
             F.cross_entropy(bag_logits(net, bags[i])[None], torch.as_tensor([bags[i]["label"]])).backward()
             opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
 
 
-def base_net(in_dim: int, width: int, seed: int):
+def base_net(in_dim: int, width: int, seed: int, n_classes: int | None = None):
+    """The frozen GDAT base (``n_classes`` outputs; default: every class of the stream)."""
     torch.manual_seed(seed)
     kw = {"hidden_dim": width, "heads": max(1, width // 64), "attn_dim": width // 2, "dropout": 0.0}
-    net = create_mil_model("gdat", in_dim, len(CLASSES), **kw)
+    net = create_mil_model("gdat", in_dim, n_classes or len(CLASSES), **kw)
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()
